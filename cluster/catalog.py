@@ -1,0 +1,65 @@
+"""Dataset versions in the lake: ``datasets/<name>/<version>/manifest.json`` is the commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medray.cluster.lake import Lake
+from medray.workers.errors import NotFoundError
+
+
+def _versions(lake: Lake, name: str) -> list[int]:
+    return sorted(int(v) for v in lake.list_dirs(f"datasets/{name}") if v.isdigit())
+
+
+def committed_versions(lake: Lake, name: str) -> list[int]:
+    return [v for v in _versions(lake, name) if lake.exists(f"datasets/{name}/{v}/manifest.json")]
+
+
+def next_version(lake: Lake, name: str) -> int:
+    """One past every version folder, committed or not, so an abandoned attempt is never reused."""
+    existing = _versions(lake, name)
+    return (existing[-1] + 1) if existing else 1
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    name, _, version = ref.partition(":")
+    if version and not version.isdigit():
+        raise NotFoundError(f"dataset version must be a number: {ref!r}")
+    return name, int(version) if version else None
+
+
+def resolve(lake: Lake, ref: str) -> tuple[str, int, dict[str, Any]]:
+    name, version = parse_ref(ref)
+    versions = committed_versions(lake, name)
+    if not versions:
+        raise NotFoundError(
+            f"no dataset {name!r} in {lake.uri}: stage it with `medray stage SOURCE --dataset {name}`"
+        )
+    if version is None:
+        version = versions[-1]
+    elif version not in versions:
+        raise NotFoundError(f"dataset {name!r} has no committed version {version} (has {versions})")
+    return name, version, manifest(lake, name, version)
+
+
+def manifest(lake: Lake, name: str, version: int) -> dict[str, Any]:
+    return dict(lake.read_json(f"datasets/{name}/{version}/manifest.json"))
+
+
+def list_datasets(lake: Lake) -> list[dict[str, Any]]:
+    rows = []
+    for name in lake.list_dirs("datasets"):
+        for version in committed_versions(lake, name):
+            m = manifest(lake, name, version)
+            rows.append(
+                {
+                    "dataset": name,
+                    "version": version,
+                    "images": m["images"],
+                    "errors": m["errors"],
+                    "labels": m["labels"],
+                    "created_at": m["created_at"],
+                }
+            )
+    return rows

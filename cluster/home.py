@@ -1,0 +1,59 @@
+"""MEDRAY_HOME: where the local cluster, the embedded lake and their secrets live."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def medray_home() -> Path:
+    home = Path(os.environ.get("MEDRAY_HOME") or Path.home() / ".medray").expanduser()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read; created 0600 before any byte lands in it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def deid_salt() -> bytes:
+    """The salt for patient keys and UID remapping: MEDRAY_DEID_SALT, else a generated file.
+
+    It must stay the same across staging jobs so a patient keeps one key; on a multi-node
+    cluster set MEDRAY_DEID_SALT on every node (a secret: never logged or written to the lake).
+    """
+    env = os.environ.get("MEDRAY_DEID_SALT")
+    if env:
+        return env.encode()
+    path = medray_home() / "deid_salt"
+    if not path.exists():
+        import secrets
+
+        write_private(path, secrets.token_hex(32))
+    return path.read_text().strip().encode()

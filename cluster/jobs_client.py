@@ -1,0 +1,137 @@
+"""Submit, follow and manage medray jobs through the Ray Jobs API."""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from medray.cluster import ray_local
+from medray.workers.errors import InfraError, NotFoundError
+
+log = logging.getLogger(__name__)
+RESULT_MARKER = "MEDRAY_RESULT "
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Environment a job needs that is not secret; credentials come from the node itself.
+_PASS_ENV = ("MEDRAY_HOME", "MEDRAY_LAKE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+             "MEDRAY_STORAGE_RETRY_SECONDS", "MEDRAY_FAULT")
+
+
+def client(address: str | None) -> Any:
+    url = ray_local.dashboard_url(address)
+    if ray_local.is_local(address):
+        ray_local.apply_auth_env()  # before Ray is imported: it reads the auth mode once
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(url)
+    except Exception as exc:  # connection refused, auth failure: say which cluster
+        raise InfraError(f"cannot reach the Ray Jobs API at {url}: {exc}") from exc
+
+
+def job_python(address: str | None) -> str:
+    """Interpreter for the job: this one on the local cluster, else MEDRAY_JOB_PYTHON/python."""
+    if os.environ.get("MEDRAY_JOB_PYTHON"):
+        return os.environ["MEDRAY_JOB_PYTHON"]
+    return sys.executable if ray_local.is_local(address) else "python"
+
+
+def submit(
+    kind: str,
+    spec: dict[str, Any],
+    address: str | None,
+    job_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> str:
+    payload = base64.urlsafe_b64encode(json.dumps(spec).encode()).decode()
+    entrypoint = " ".join(
+        shlex.quote(p)
+        for p in (job_python(address), "-m", "medray.jobs.entry", kind, "--spec", payload)
+    )
+    env_vars = {k: os.environ[k] for k in _PASS_ENV if os.environ.get(k)}
+    env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if job_id:
+        env_vars["MEDRAY_JOB_ID"] = job_id
+    meta = {"medray_kind": kind, "submitted_by": getpass.getuser(), **(metadata or {})}
+    c = client(address)
+    return str(
+        c.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={"env_vars": env_vars},
+            metadata=meta,
+            entrypoint_num_cpus=0,
+        )
+    )
+
+
+def status(job_id: str, address: str | None) -> str:
+    try:
+        return str(client(address).get_job_status(job_id).value)
+    except RuntimeError as exc:
+        raise NotFoundError(f"no job {job_id!r} on this cluster: {exc}") from exc
+
+
+def logs(job_id: str, address: str | None) -> str:
+    return str(client(address).get_job_logs(job_id))
+
+
+def stop(job_id: str, address: str | None) -> bool:
+    return bool(client(address).stop_job(job_id))
+
+
+def list_jobs(address: str | None) -> list[dict[str, Any]]:
+    rows = []
+    for info in client(address).list_jobs():
+        rows.append(
+            {
+                "job_id": info.submission_id,
+                "status": str(info.status.value),
+                "kind": (info.metadata or {}).get("medray_kind", ""),
+                "start_time": info.start_time,
+                "end_time": info.end_time,
+                "message": info.message,
+            }
+        )
+    return sorted(rows, key=lambda r: r["start_time"] or 0)
+
+
+def wait(
+    job_id: str,
+    address: str | None,
+    on_log: Callable[[str], None] | None = None,
+    poll_s: float = 1.0,
+) -> tuple[str, str]:
+    """Follow a job until it ends, passing new log text to ``on_log``; (status, full logs)."""
+    c = client(address)
+    seen = 0
+    text = ""
+    while True:
+        state = str(c.get_job_status(job_id).value)
+        text = str(c.get_job_logs(job_id))
+        if on_log and len(text) > seen:
+            on_log(text[seen:])
+        seen = len(text)
+        if state in TERMINAL:
+            return state, text
+        time.sleep(poll_s)
+
+
+def result_from_logs(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    return None
+
+
+def error_from_logs(text: str) -> str | None:
+    for line in reversed(text.splitlines()):
+        if line.startswith("MEDRAY_ERROR "):
+            return line[len("MEDRAY_ERROR "):]
+    return None

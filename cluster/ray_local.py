@@ -1,0 +1,278 @@
+"""A local Ray cluster on this machine: a head (dashboard + Jobs API on 127.0.0.1) and
+optionally more worker nodes (separate raylets), with Ray's token authentication on.
+
+State lives under ``MEDRAY_HOME/ray``: the token (0600) and ``cluster.json`` (addresses, no
+secret). Stopping kills only this cluster's processes, never another Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medray.cluster.home import medray_home, read_json, write_private
+from medray.workers.errors import ConfigError, InfraError
+
+log = logging.getLogger(__name__)
+
+
+def _ray_dir() -> Path:
+    d = medray_home() / "ray"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def token_path() -> Path:
+    path = _ray_dir() / "auth_token"
+    if not path.exists():
+        write_private(path, secrets.token_hex(32))
+    return path
+
+
+def auth_env() -> dict[str, str]:
+    """Environment that makes Ray clients and nodes use this cluster's token."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path())}
+
+
+def apply_auth_env() -> None:
+    """Point this process's Ray clients at the local token unless the user chose their own."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        return
+    os.environ.update(auth_env())
+
+
+def _temp_dir() -> str:
+    # Ray puts unix sockets under its temp dir; keep the path short (108-byte socket limit).
+    digest = hashlib.sha256(str(medray_home()).encode()).hexdigest()[:10]
+    return f"/tmp/medray-ray-{digest}"  # noqa: S108 - per-home private dir
+
+
+def _free_port(preferred: int | None = None) -> int:
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise InfraError("no free TCP port on 127.0.0.1")
+
+
+def _ray_binary() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def status() -> dict[str, Any]:
+    cfg = read_json(_ray_dir() / "cluster.json")
+    if not cfg:
+        return {"running": False}
+    running = _dashboard_alive(cfg["dashboard_url"])
+    info: dict[str, Any] = {**cfg, "running": running}
+    if running:
+        info.update(_resources(cfg["dashboard_url"]))
+    return info
+
+
+def _dashboard_alive(url: str) -> bool:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _resources(dashboard_url: str) -> dict[str, Any]:
+    """Alive nodes with their CPUs and GPUs, from the dashboard's state API."""
+    import urllib.request
+
+    token = token_path().read_text().strip()
+    req = urllib.request.Request(  # noqa: S310 - loopback URL we started
+        f"{dashboard_url}/nodes?view=summary",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            payload = json.loads(resp.read())
+    except OSError as exc:
+        return {"nodes": None, "error": str(exc)}
+    nodes = []
+    for node in payload.get("data", {}).get("summary", []):
+        raylet = node.get("raylet", {})
+        if raylet.get("state") != "ALIVE":
+            continue
+        res = raylet.get("resourcesTotal", {})
+        nodes.append(
+            {
+                "node_id": raylet.get("nodeId"),
+                "is_head": bool(raylet.get("isHeadNode")),
+                "cpus": res.get("CPU", 0),
+                "gpus": res.get("GPU", 0),
+            }
+        )
+    return {
+        "nodes": len(nodes),
+        "cpus": sum(n["cpus"] for n in nodes),
+        "gpus": sum(n["gpus"] for n in nodes),
+        "node_list": nodes,
+    }
+
+
+def up(
+    nodes: int = 1,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    dashboard_port: int | None = 8265,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Start the local cluster (idempotent); ``nodes`` > 1 adds worker raylets on this host."""
+    if nodes < 1:
+        raise ConfigError("--nodes must be at least 1")
+    current = status()
+    if current.get("running"):
+        return current
+    env = {**os.environ, **auth_env()}
+    env.pop("RAY_ADDRESS", None)
+    gcs_port = _free_port(6380)
+    dash_port = _free_port(dashboard_port)
+    common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    per_node_cpus = num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 2) // nodes)
+    head = [
+        _ray_binary(),
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={_free_port()}",
+        f"--temp-dir={_temp_dir()}",
+        f"--num-cpus={per_node_cpus}",
+        *common,
+    ]
+    if num_gpus is not None:
+        head.append(f"--num-gpus={num_gpus}")
+    _run_ray(head, env)
+    gcs_address = f"{_node_ip()}:{gcs_port}"
+    for _ in range(nodes - 1):
+        worker = [
+            _ray_binary(),
+            "start",
+            f"--address={gcs_address}",
+            f"--num-cpus={per_node_cpus}",
+            *common,
+        ]
+        if num_gpus is not None:
+            worker.append(f"--num-gpus={num_gpus}")
+        _run_ray(worker, env)
+    cfg = {
+        "gcs_address": gcs_address,
+        "dashboard_url": f"http://127.0.0.1:{dash_port}",
+        "temp_dir": _temp_dir(),
+        "requested_nodes": nodes,
+        "python": sys.executable,
+    }
+    write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
+    _wait_nodes(cfg["dashboard_url"], nodes, timeout_s)
+    return status()
+
+
+def _node_ip() -> str:
+    # Ray replaces 127.0.0.1 with the host's reachable address; ask it which one it chose.
+    from ray._private.services import get_node_ip_address
+
+    return str(get_node_ip_address())
+
+
+def _run_ray(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(  # noqa: S603 - fixed argv
+        cmd, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    if proc.returncode != 0:
+        raise InfraError(f"`{' '.join(cmd[:3])}` failed:\n{proc.stderr[-2000:]}")
+
+
+def _wait_nodes(dashboard_url: str, nodes: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _dashboard_alive(dashboard_url):
+            info = _resources(dashboard_url)
+            if (info.get("nodes") or 0) >= nodes:
+                return
+        time.sleep(1)
+    raise InfraError(f"the local Ray cluster did not show {nodes} node(s) in {timeout_s:.0f}s")
+
+
+def _cluster_processes(temp_dir: str) -> list[Any]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if temp_dir in cmdline and proc.pid != os.getpid():
+            found.append(proc)
+    return found
+
+
+def down(grace_s: float = 10.0) -> bool:
+    """Stop this cluster's processes (head, worker raylets, workers, job drivers)."""
+    import psutil
+
+    path = _ray_dir() / "cluster.json"
+    cfg = read_json(path)
+    if not cfg:
+        return False
+    procs = _cluster_processes(cfg["temp_dir"])
+    family: dict[int, Any] = {}
+    for proc in procs:
+        family[proc.pid] = proc
+        try:
+            for child in proc.children(recursive=True):
+                family[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+    for proc in family.values():
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(family.values()), timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    path.unlink(missing_ok=True)
+    return True
+
+
+def dashboard_url(address: str | None) -> str:
+    """The Jobs API URL for --address / RAY_ADDRESS, defaulting to the local cluster."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        return address if "://" in address else f"http://{address}"
+    cfg = read_json(_ray_dir() / "cluster.json")
+    if not cfg:
+        raise ConfigError(
+            "no Ray cluster: start one with `medray cluster up` or pass --address / RAY_ADDRESS"
+        )
+    return str(cfg["dashboard_url"])
+
+
+def is_local(address: str | None) -> bool:
+    cfg = read_json(_ray_dir() / "cluster.json")
+    return bool(cfg) and dashboard_url(address) == cfg["dashboard_url"]

@@ -1,0 +1,106 @@
+"""Model versions in the lake: ``models/<name>/<version>/{model.keras,card.json}``.
+
+The card is written last and is the commit point. Aliases (``prod``) live in
+``models/<name>/aliases.json``.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from medray.cluster.lake import Lake
+from medray.workers.errors import ConfigError, NotFoundError
+from medray.workers.models import ModelCard
+
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>\d+)|@(?P<alias>[\w.-]+))?$")
+
+
+def versions(lake: Lake, name: str) -> list[int]:
+    found = [int(v) for v in lake.list_dirs(f"models/{name}") if v.isdigit()]
+    return sorted(v for v in found if lake.exists(f"models/{name}/{v}/card.json"))
+
+
+def register(lake: Lake, model_file: str, card: ModelCard) -> ModelCard:
+    """Upload a .keras file and its card as the next version of ``card.name``."""
+    all_dirs = [int(v) for v in lake.list_dirs(f"models/{card.name}") if v.isdigit()]
+    version = (max(all_dirs) + 1) if all_dirs else 1
+    card.version = version
+    card.created_at = card.created_at or datetime.now(UTC).isoformat()
+    base = f"models/{card.name}/{version}"
+    lake.write_bytes(f"{base}/model.keras", Path(model_file).read_bytes())
+    lake.write_bytes(f"{base}/card.json", card.to_json().encode())
+    return card
+
+
+def parse_ref(ref: str) -> tuple[str, int | None, str | None]:
+    m = _REF.match(ref)
+    if not m:
+        raise ConfigError(f"model reference {ref!r}: use NAME, NAME:VERSION or NAME@ALIAS")
+    version = m.group("version")
+    return m.group("name"), int(version) if version else None, m.group("alias")
+
+
+def resolve(lake: Lake, ref: str) -> ModelCard:
+    name, version, alias = parse_ref(ref)
+    found = versions(lake, name)
+    if not found:
+        raise NotFoundError(
+            f"no model {name!r} in {lake.uri}: train one (`medray train`) or register a .keras "
+            "file (`medray models register`)"
+        )
+    if alias:
+        aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+        if alias not in aliases:
+            raise NotFoundError(f"model {name!r} has no alias @{alias} (has {sorted(aliases)})")
+        version = int(aliases[alias])
+    if version is None:
+        version = found[-1]
+    if version not in found:
+        raise NotFoundError(f"model {name!r} has no version {version} (has {found})")
+    return ModelCard.from_dict(lake.read_json(f"models/{name}/{version}/card.json"))
+
+
+def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
+    """A local path to the model file (downloaded once per process cache dir)."""
+    target_dir = Path(cache_dir or tempfile.gettempdir()) / "medray-models" / card.name
+    target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = target_dir / f"v{card.version}.keras"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(lake.read_bytes(f"models/{card.name}/{card.version}/model.keras"))
+        tmp.replace(path)
+    return str(path)
+
+
+def promote(lake: Lake, name: str, version: int, alias: str) -> dict[str, int]:
+    if version not in versions(lake, name):
+        raise NotFoundError(f"model {name!r} has no version {version}")
+    aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+    aliases[alias] = version
+    lake.write_json(f"models/{name}/aliases.json", aliases)
+    return dict(aliases)
+
+
+def list_models(lake: Lake) -> list[dict[str, Any]]:
+    rows = []
+    for name in lake.list_dirs("models"):
+        aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+        for version in versions(lake, name):
+            card = ModelCard.from_dict(lake.read_json(f"models/{name}/{version}/card.json"))
+            rows.append(
+                {
+                    "model": name,
+                    "version": version,
+                    "arch": card.arch,
+                    "labels": card.labels,
+                    "dataset": f"{card.dataset}:{card.dataset_version}" if card.dataset else "",
+                    "aliases": sorted(a for a, v in aliases.items() if v == version),
+                    "metrics": card.metrics,
+                    "created_at": card.created_at,
+                }
+            )
+    return rows

@@ -1,0 +1,74 @@
+"""The SDK the CLI calls: validate a spec, check it against the lake, submit it as a Ray job,
+follow it, and return its result. Usable from Python as well."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from medray.cluster import catalog, jobs_client, registry
+from medray.cluster.lake import Lake, default_lake_uri
+from medray.jobs.specs import build_spec
+from medray.workers.errors import JobFailedError
+
+
+def resolve_lake(uri: str | None) -> Lake:
+    return Lake(uri or default_lake_uri())
+
+
+def _precheck(kind: str, spec: dict[str, Any], lake: Lake) -> None:
+    """Catch bad references before anything is submitted (exit code 2)."""
+    if kind in ("train", "score"):
+        catalog.resolve(lake, spec["dataset"])
+    if kind == "score":
+        registry.resolve(lake, spec["model"])
+        if spec.get("retry_failed"):
+            from medray.cluster.scoring import read_commit
+
+            read_commit(lake, spec["retry_failed"])
+    if kind == "report":
+        from medray.cluster.scoring import read_commit
+
+        read_commit(lake, spec["run_id"])
+        for other in (spec.get("reference"), spec.get("compare")):
+            if other:
+                read_commit(lake, other)
+
+
+def new_job_id(kind: str) -> str:
+    return f"medray-{kind}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def submit(
+    kind: str,
+    values: dict[str, Any],
+    address: str | None = None,
+    wait: bool = True,
+    on_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    values = dict(values)
+    lake = resolve_lake(values.get("lake") or None)
+    values["lake"] = lake.uri
+    spec = build_spec(kind, values).model_dump()
+    _precheck(kind, spec, lake)
+    job_id = new_job_id(kind)
+    os.environ["MEDRAY_SUBMITTED_AT"] = datetime.now(UTC).isoformat()
+    jobs_client.submit(kind, spec, address, job_id=job_id)
+    if not wait:
+        return {"job_id": job_id, "status": "PENDING"}
+    status, logs = jobs_client.wait(job_id, address, on_log=on_log)
+    if status != "SUCCEEDED":
+        message = jobs_client.error_from_logs(logs) or logs[-2000:]
+        raise JobFailedError(f"{kind} job {job_id} {status.lower()}: {message}")
+    result = jobs_client.result_from_logs(logs) or {}
+    result.setdefault("job_id", job_id)
+    return result
+
+
+def stderr_log(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()

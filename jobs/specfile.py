@@ -1,0 +1,42 @@
+"""YAML job specs for `medray submit`: kind + the options of that command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medray.jobs.specs import build_spec
+from medray.workers.errors import ConfigError
+
+
+def load_spec_file(path: Path, overrides: list[str], lake: str | None) -> tuple[str, dict[str, Any]]:
+    """(kind, values) with precedence --set/--lake > environment > file > defaults."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path} must be a mapping with a 'kind' key")
+    kind = doc.pop("kind", None)
+    if not kind:
+        raise ConfigError(f"{path} has no 'kind' (stage, train, score or report)")
+    values: dict[str, Any] = dict(doc)
+    if os.environ.get("MEDRAY_LAKE"):
+        values["lake"] = os.environ["MEDRAY_LAKE"]
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: use key=value")
+        values[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw else None
+    if lake:
+        values["lake"] = lake
+    source = values.get("source")
+    if kind == "stage" and isinstance(source, str) and "://" not in source:
+        candidate = (path.parent / source) if not Path(source).is_absolute() else Path(source)
+        if candidate.exists():
+            values["source"] = str(candidate.resolve())
+    build_spec(str(kind), values)  # fail here, before submission, with a clear message
+    return str(kind), values
