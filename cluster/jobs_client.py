@@ -60,15 +60,23 @@ def submit(
         env_vars["MEDRAY_JOB_ID"] = job_id
     meta = {"medray_kind": kind, "submitted_by": getpass.getuser(), **(metadata or {})}
     c = client(address)
-    return str(
-        c.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env={"env_vars": env_vars},
-            metadata=meta,
-            entrypoint_num_cpus=0,
-        )
-    )
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            return str(
+                c.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=job_id,
+                    runtime_env={"env_vars": env_vars},
+                    metadata=meta,
+                    entrypoint_num_cpus=0,
+                )
+            )
+        except RuntimeError as exc:
+            # a head that just started has no job agent yet: Ray says "try again later"
+            if "try again later" not in str(exc) or time.monotonic() > deadline:
+                raise InfraError(f"the Jobs API refused the {kind} job: {exc}") from exc
+            time.sleep(2)
 
 
 def status(job_id: str, address: str | None) -> str:

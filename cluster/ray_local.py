@@ -148,6 +148,15 @@ def up(
     gcs_port = _free_port(6380)
     dash_port = _free_port(dashboard_port)
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+
+    def node_ports() -> list[str]:
+        # Per-node agent ports are fixed by default (52365, ...): pick free ones so this
+        # cluster can run beside another Ray on the same machine (a user's, a test's).
+        return [f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--runtime-env-agent-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}"]
+
     per_node_cpus = num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 2) // nodes)
     head = [
         _ray_binary(),
@@ -160,6 +169,7 @@ def up(
         f"--temp-dir={_temp_dir()}",
         f"--num-cpus={per_node_cpus}",
         *common,
+        *node_ports(),
     ]
     if num_gpus is not None:
         head.append(f"--num-gpus={num_gpus}")
@@ -172,6 +182,7 @@ def up(
             f"--address={gcs_address}",
             f"--num-cpus={per_node_cpus}",
             *common,
+            *node_ports(),
         ]
         if num_gpus is not None:
             worker.append(f"--num-gpus={num_gpus}")

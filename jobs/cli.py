@@ -231,7 +231,7 @@ def train(
     model: str = typer.Option(..., "--model", "-m", help="Model name to register."),
     arch: str = typer.Option(None, help="small_cnn|mobilenet_v2|efficientnet_b0|densenet121|"
                              "inception_v3 [small_cnn]"),
-    epochs: int = typer.Option(None, help="Maximum epochs [8]."),
+    epochs: int = typer.Option(None, help="Maximum epochs [12]."),
     batch_size: int = typer.Option(None, help="Global batch size [64]."),
     learning_rate: float = typer.Option(None, help="Adam learning rate [0.002]."),
     workers: int = typer.Option(None, help="Ray Train workers [1]."),
@@ -242,7 +242,7 @@ def train(
     mode: str = typer.Option(None, help="full|head [full]"),
     augment: bool = typer.Option(None, help="Random flips/crops/rotation/brightness."),
     class_weights: str = typer.Option(None, help="auto|none [auto]"),
-    patience: int = typer.Option(None, help="Early-stopping patience in epochs [3]."),
+    patience: int = typer.Option(None, help="Early-stopping patience in epochs [4]."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint of --run-id."),
     run_id: str = typer.Option(None, help="Training run id (for --resume)."),
     seed: int = typer.Option(None, help="Random seed [0]."),

@@ -72,7 +72,7 @@ class TrainSpec(_Spec):
     dataset: str
     model: str
     arch: str = "small_cnn"
-    epochs: int = Field(default=8, ge=1, le=1000)
+    epochs: int = Field(default=12, ge=1, le=1000)
     batch_size: int = Field(default=64, ge=1, le=8192)
     learning_rate: float = Field(default=2e-3, gt=0, le=1)
     workers: int = Field(default=1, ge=1, le=512)
@@ -82,7 +82,7 @@ class TrainSpec(_Spec):
     mode: Literal["full", "head"] = "full"
     augment: bool = False
     class_weights: Literal["auto", "none"] = "auto"
-    patience: int = Field(default=3, ge=1)
+    patience: int = Field(default=4, ge=1)
     resume: bool = False
     seed: int = 0
     run_id: str | None = None
@@ -91,6 +91,11 @@ class TrainSpec(_Spec):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "run id")
 
 
 class ScoreSpec(_Spec):
@@ -109,6 +114,11 @@ class ScoreSpec(_Spec):
     mixed_precision: bool = False
     partition_by: Literal["none", "date"] = "none"
 
+    @field_validator("run_id", "retry_failed")
+    @classmethod
+    def _run_ids(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "run id")
+
     @field_validator("gpus_per_actor")
     @classmethod
     def _whole_gpus(cls, v: float) -> float:
@@ -125,6 +135,11 @@ class ReportSpec(_Spec):
     heatmaps: int = Field(default=0, ge=0, le=100)
     n_boot: int = Field(default=1000, ge=0, le=100_000)
     drift_psi: float = Field(default=0.2, gt=0)
+
+    @field_validator("run_id", "reference", "compare")
+    @classmethod
+    def _run_ids(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "run id")
 
 
 SPECS: dict[str, type[_Spec]] = {

@@ -1,0 +1,44 @@
+# medray: `make demo` and `make test` work on a fresh machine; both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medray-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint bench bench-score bench-stage bench-train clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m medray.jobs.demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check jobs cluster workers tests bench
+	$(BIN)/python tools/check_layers.py
+
+bench: bench-stage bench-score bench-train
+
+bench-score: setup
+	$(BIN)/python bench/bench_score.py
+
+bench-stage: setup
+	$(BIN)/python bench/bench_stage.py
+
+bench-train: setup
+	$(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
