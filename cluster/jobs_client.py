@@ -48,6 +48,7 @@ def submit(
     address: str | None,
     job_id: str | None = None,
     metadata: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> str:
     payload = base64.urlsafe_b64encode(json.dumps(spec).encode()).decode()
     entrypoint = " ".join(
@@ -58,6 +59,7 @@ def submit(
     env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
     if job_id:
         env_vars["MEDRAY_JOB_ID"] = job_id
+    env_vars.update(extra_env or {})
     meta = {"medray_kind": kind, "submitted_by": getpass.getuser(), **(metadata or {})}
     c = client(address)
     deadline = time.monotonic() + 90

@@ -3,14 +3,15 @@ follow it, and return its result. Usable from Python as well."""
 
 from __future__ import annotations
 
-import os
+import getpass
+import json
 import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from medray.cluster import catalog, jobs_client, registry
+from medray.cluster import catalog, costs, history, jobs_client, registry
 from medray.cluster.lake import Lake, default_lake_uri
 from medray.jobs.specs import build_spec
 from medray.workers.errors import JobFailedError
@@ -56,11 +57,16 @@ def submit(
     spec = build_spec(kind, values).model_dump()
     _precheck(kind, spec, lake)
     job_id = new_job_id(kind)
-    os.environ["MEDRAY_SUBMITTED_AT"] = datetime.now(UTC).isoformat()
-    jobs_client.submit(kind, spec, address, job_id=job_id)
+    extra = {"MEDRAY_SUBMITTED_AT": datetime.now(UTC).isoformat(),
+             "MEDRAY_SUBMITTED_BY": getpass.getuser()}
+    prices = costs.load_prices()
+    if prices:  # not secret: the job prices its own usage
+        extra["MEDRAY_PRICES_JSON"] = json.dumps(prices)
+    jobs_client.submit(kind, spec, address, job_id=job_id, extra_env=extra)
     if not wait:
         return {"job_id": job_id, "status": "PENDING"}
     status, logs = jobs_client.wait(job_id, address, on_log=on_log)
+    history.attach_log_tail(lake, job_id, status, logs)
     if status != "SUCCEEDED":
         message = jobs_client.error_from_logs(logs) or logs[-2000:]
         raise JobFailedError(f"{kind} job {job_id} {status.lower()}: {message}")

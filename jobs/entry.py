@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -68,9 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         ctx.print_on_execution_start = False
         lake = Lake(spec.get("lake") or default_lake_uri())
         module = importlib.import_module(RUNNERS[args.kind])
-        result = module.run(spec, lake, job_id)
         from medray.cluster import history
 
+        history.record(lake, job_id, args.kind, spec, "RUNNING", {})
+        started = time.monotonic()
+        result = module.run(spec, lake, job_id)
+        from medray.cluster import costs
+
+        result["usage"] = costs.job_usage(time.monotonic() - started)
+        prices = json.loads(os.environ.get("MEDRAY_PRICES_JSON") or "null")
+        price = costs.cost(result["usage"], prices, result.get("images"))
+        if price:
+            result["cost"] = price
         history.record(lake, job_id, args.kind, spec, "SUCCEEDED", result)
     except MedrayError as exc:
         _fail(job_id, args.kind, spec, exc.message, logging.getLogger("medray.jobs.entry"))

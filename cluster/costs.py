@@ -1,0 +1,103 @@
+"""What a job used and what it cost: wall time, CPU- and GPU-seconds per node type.
+
+Usage comes from Ray's state API for the job's tasks and actors: a task holds its resources
+from start to end; an actor holds them from its creation until its last method call ends.
+Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named by
+``MEDRAY_PRICES`` (see configs/prices.yaml); without one, cost is left out, never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def load_prices(path: str | None = None) -> dict[str, dict[str, float]] | None:
+    import yaml
+
+    path = path or os.environ.get("MEDRAY_PRICES")
+    if not path or not Path(path).exists():
+        return None
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    return {str(k): {kk: float(vv) for kk, vv in (v or {}).items()}
+            for k, v in (doc.get("node_types") or {}).items()}
+
+
+def _node_types() -> dict[str, str]:
+    from ray.util.state import list_nodes
+
+    types = {}
+    for node in list_nodes(detail=True, limit=10_000):
+        labels = node.labels or {}
+        types[node.node_id] = (labels.get("ray.io/node-type") or labels.get("ray.io/node-group")
+                               or ("head" if node.is_head_node else "worker"))
+    return types
+
+
+def job_usage(wall_s: float) -> dict[str, Any]:
+    """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure)."""
+    try:
+        import ray
+        from ray.util.state import list_tasks
+
+        job_hex = ray.get_runtime_context().get_job_id()
+        tasks = list_tasks(filters=[("job_id", "=", job_hex)], detail=True, limit=100_000,
+                           raise_on_missing_output=False)
+        node_type = _node_types()
+    except Exception as exc:  # noqa: BLE001 - accounting must never fail a job
+        log.warning("could not read resource usage: %s", exc)
+        return {"wall_seconds": round(wall_s, 2)}
+    per_type: dict[str, dict[str, float]] = defaultdict(lambda: {"cpu_seconds": 0.0,
+                                                                 "gpu_seconds": 0.0})
+    actor_span: dict[str, list[float]] = {}
+    actor_res: dict[str, tuple[dict[str, float], str]] = {}
+    for t in tasks:
+        start, end = t.start_time_ms, t.end_time_ms
+        if not start:
+            continue
+        kind = str(t.type)
+        if kind.endswith("ACTOR_CREATION_TASK") and t.actor_id:
+            actor_res[t.actor_id] = (t.required_resources or {}, node_type.get(t.node_id, "?"))
+            span = actor_span.setdefault(t.actor_id, [start, end or start])
+            span[0] = min(span[0], start)
+            span[1] = max(span[1], end or start)
+        elif kind.endswith("ACTOR_TASK") and t.actor_id:
+            span = actor_span.setdefault(t.actor_id, [start, end or start])
+            span[1] = max(span[1], end or start)
+        elif end:
+            res = t.required_resources or {}
+            bucket = per_type[node_type.get(t.node_id, "?")]
+            bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
+            bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+    for actor_id, (res, ntype) in actor_res.items():
+        start, end = actor_span[actor_id]
+        per_type[ntype]["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
+        per_type[ntype]["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+    return {
+        "wall_seconds": round(wall_s, 2),
+        "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
+        "gpu_seconds": round(sum(v["gpu_seconds"] for v in per_type.values()), 2),
+        "by_node_type": {k: {kk: round(vv, 2) for kk, vv in v.items()}
+                         for k, v in per_type.items()},
+    }
+
+
+def cost(usage: dict[str, Any], prices: dict[str, dict[str, float]] | None,
+         images: int | None) -> dict[str, Any] | None:
+    """Cost of a job from its usage and a price table; per 1,000 images when images are known."""
+    if not prices or "by_node_type" not in usage:
+        return None
+    total = 0.0
+    for ntype, used in usage["by_node_type"].items():
+        price = prices.get(ntype) or prices.get("default") or {}
+        total += used["cpu_seconds"] / 3600 * price.get("cpu_hour", 0.0)
+        total += used["gpu_seconds"] / 3600 * price.get("gpu_hour", 0.0)
+    out: dict[str, Any] = {"total": round(total, 6), "currency": "USD"}
+    if images:
+        out["per_1000_images"] = round(total / images * 1000, 6)
+    return out
