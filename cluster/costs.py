@@ -46,7 +46,7 @@ def job_usage(wall_s: float) -> dict[str, Any]:
         from ray.util.state import list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
-        tasks = list_tasks(filters=[("job_id", "=", job_hex)], detail=True, limit=100_000,
+        tasks = list_tasks(filters=[("job_id", "=", job_hex)], detail=True, limit=10_000,
                            raise_on_missing_output=False)
         node_type = _node_types()
     except Exception as exc:  # noqa: BLE001 - accounting must never fail a job
@@ -54,36 +54,46 @@ def job_usage(wall_s: float) -> dict[str, Any]:
         return {"wall_seconds": round(wall_s, 2)}
     per_type: dict[str, dict[str, float]] = defaultdict(lambda: {"cpu_seconds": 0.0,
                                                                  "gpu_seconds": 0.0})
+    # An actor's creation task carries its resources but no node; its method calls carry the
+    # node. It holds the resources from creation until its last call ends.
     actor_span: dict[str, list[float]] = {}
-    actor_res: dict[str, tuple[dict[str, float], str]] = {}
+    actor_res: dict[str, dict[str, float]] = {}
+    actor_node: dict[str, str] = {}
+    actor_class: dict[str, str] = {}
     for t in tasks:
         start, end = t.start_time_ms, t.end_time_ms
-        if not start:
-            continue
         kind = str(t.type)
-        if kind.endswith("ACTOR_CREATION_TASK") and t.actor_id:
-            actor_res[t.actor_id] = (t.required_resources or {}, node_type.get(t.node_id, "?"))
-            span = actor_span.setdefault(t.actor_id, [start, end or start])
-            span[0] = min(span[0], start)
-            span[1] = max(span[1], end or start)
-        elif kind.endswith("ACTOR_TASK") and t.actor_id:
-            span = actor_span.setdefault(t.actor_id, [start, end or start])
-            span[1] = max(span[1], end or start)
-        elif end:
+        if t.actor_id and "ACTOR" in kind:
+            actor_class[t.actor_id] = str(t.func_or_class_name).rsplit(".", 1)[0]
+            if kind.endswith("ACTOR_CREATION_TASK"):
+                actor_res[t.actor_id] = t.required_resources or {}
+            if t.node_id:
+                actor_node[t.actor_id] = t.node_id
+            if start:
+                span = actor_span.setdefault(t.actor_id, [start, end or start])
+                span[0] = min(span[0], start)
+                span[1] = max(span[1], end or start)
+        elif start and end:
             res = t.required_resources or {}
-            bucket = per_type[node_type.get(t.node_id, "?")]
+            bucket = per_type[node_type.get(t.node_id, "unknown")]
             bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
             bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
-    for actor_id, (res, ntype) in actor_res.items():
-        start, end = actor_span[actor_id]
-        per_type[ntype]["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
-        per_type[ntype]["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+    placement: dict[str, set[str]] = defaultdict(set)
+    for actor_id, (start, end) in actor_span.items():
+        res = actor_res.get(actor_id, {})
+        bucket = per_type[node_type.get(actor_node.get(actor_id, ""), "unknown")]
+        bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
+        bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+        if actor_id in actor_node:
+            placement[actor_class[actor_id]].add(actor_node[actor_id])
     return {
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
         "gpu_seconds": round(sum(v["gpu_seconds"] for v in per_type.values()), 2),
         "by_node_type": {k: {kk: round(vv, 2) for kk, vv in v.items()}
                          for k, v in per_type.items()},
+        # which nodes each kind of actor ran on: shows a job spread over the cluster
+        "actor_nodes": {k: len(v) for k, v in sorted(placement.items())},
     }
 
 
