@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.medray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench bench-score bench-stage bench-train clean
+.PHONY: setup demo test test-fast lint bench bench-score bench-stage bench-train clean browser
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ bench-stage: setup
 
 bench-train: setup
 	$(BIN)/python bench/bench_train.py
+
+# Headless Chromium for the test that renders the HTML report (skipped when absent).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed: the HTML rendering test will be skipped"; fi; }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

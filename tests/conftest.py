@@ -41,9 +41,13 @@ _clean_env()
 
 
 @pytest.fixture(scope="session")
-def medray_home() -> Path:
+def medray_home() -> Iterator[Path]:
     _SESSION_HOME.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return _SESSION_HOME
+    yield _SESSION_HOME
+    if not os.environ.get("MEDRAY_TEST_HOME"):  # a home the run made itself is removed after it
+        import shutil
+
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
