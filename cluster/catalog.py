@@ -34,7 +34,8 @@ def resolve(lake: Lake, ref: str) -> tuple[str, int, dict[str, Any]]:
     versions = committed_versions(lake, name)
     if not versions:
         raise NotFoundError(
-            f"no dataset {name!r} in {lake.uri}: stage it with `medray stage SOURCE --dataset {name}`"
+            f"no dataset {name!r} in {lake.uri}: "
+            f"stage it with `medray stage SOURCE --dataset {name}`"
         )
     if version is None:
         version = versions[-1]

@@ -24,8 +24,10 @@ def load_prices(path: str | None = None) -> dict[str, dict[str, float]] | None:
     if not path or not Path(path).exists():
         return None
     doc = yaml.safe_load(Path(path).read_text()) or {}
-    return {str(k): {kk: float(vv) for kk, vv in (v or {}).items()}
-            for k, v in (doc.get("node_types") or {}).items()}
+    return {
+        str(k): {kk: float(vv) for kk, vv in (v or {}).items()}
+        for k, v in (doc.get("node_types") or {}).items()
+    }
 
 
 def _node_types() -> dict[str, str]:
@@ -34,8 +36,11 @@ def _node_types() -> dict[str, str]:
     types = {}
     for node in list_nodes(detail=True, limit=10_000):
         labels = node.labels or {}
-        types[node.node_id] = (labels.get("ray.io/node-type") or labels.get("ray.io/node-group")
-                               or ("head" if node.is_head_node else "worker"))
+        types[node.node_id] = (
+            labels.get("ray.io/node-type")
+            or labels.get("ray.io/node-group")
+            or ("head" if node.is_head_node else "worker")
+        )
     return types
 
 
@@ -46,14 +51,19 @@ def job_usage(wall_s: float) -> dict[str, Any]:
         from ray.util.state import list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
-        tasks = list_tasks(filters=[("job_id", "=", job_hex)], detail=True, limit=10_000,
-                           raise_on_missing_output=False)
+        tasks = list_tasks(
+            filters=[("job_id", "=", job_hex)],
+            detail=True,
+            limit=10_000,
+            raise_on_missing_output=False,
+        )
         node_type = _node_types()
     except Exception as exc:  # noqa: BLE001 - accounting must never fail a job
         log.warning("could not read resource usage: %s", exc)
         return {"wall_seconds": round(wall_s, 2)}
-    per_type: dict[str, dict[str, float]] = defaultdict(lambda: {"cpu_seconds": 0.0,
-                                                                 "gpu_seconds": 0.0})
+    per_type: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"cpu_seconds": 0.0, "gpu_seconds": 0.0}
+    )
     # An actor's creation task carries its resources but no node; its method calls carry the
     # node. It holds the resources from creation until its last call ends.
     actor_span: dict[str, list[float]] = {}
@@ -90,15 +100,17 @@ def job_usage(wall_s: float) -> dict[str, Any]:
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
         "gpu_seconds": round(sum(v["gpu_seconds"] for v in per_type.values()), 2),
-        "by_node_type": {k: {kk: round(vv, 2) for kk, vv in v.items()}
-                         for k, v in per_type.items()},
+        "by_node_type": {
+            k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in per_type.items()
+        },
         # which nodes each kind of actor ran on: shows a job spread over the cluster
         "actor_nodes": {k: len(v) for k, v in sorted(placement.items())},
     }
 
 
-def cost(usage: dict[str, Any], prices: dict[str, dict[str, float]] | None,
-         images: int | None) -> dict[str, Any] | None:
+def cost(
+    usage: dict[str, Any], prices: dict[str, dict[str, float]] | None, images: int | None
+) -> dict[str, Any] | None:
     """Cost of a job from its usage and a price table; per 1,000 images when images are known."""
     if not prices or "by_node_type" not in usage:
         return None

@@ -20,8 +20,15 @@ log = logging.getLogger(__name__)
 RESULT_MARKER = "MEDRAY_RESULT "
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment a job needs that is not secret; credentials come from the node itself.
-_PASS_ENV = ("MEDRAY_HOME", "MEDRAY_LAKE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-             "MEDRAY_STORAGE_RETRY_SECONDS", "MEDRAY_FAULT")
+_PASS_ENV = (
+    "MEDRAY_HOME",
+    "MEDRAY_LAKE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "MEDRAY_STORAGE_RETRY_SECONDS",
+    "MEDRAY_FAULT",
+)
 
 
 def client(address: str | None) -> Any:
@@ -29,6 +36,7 @@ def client(address: str | None) -> Any:
     if ray_local.is_local(address):
         ray_local.apply_auth_env()  # before Ray is imported: it reads the auth mode once
     from ray.job_submission import JobSubmissionClient
+
     try:
         return JobSubmissionClient(url)
     except Exception as exc:  # connection refused, auth failure: say which cluster
@@ -136,12 +144,12 @@ def wait(
 def result_from_logs(text: str) -> dict[str, Any] | None:
     for line in reversed(text.splitlines()):
         if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
+            return json.loads(line[len(RESULT_MARKER) :])
     return None
 
 
 def error_from_logs(text: str) -> str | None:
     for line in reversed(text.splitlines()):
         if line.startswith("MEDRAY_ERROR "):
-            return line[len("MEDRAY_ERROR "):]
+            return line[len("MEDRAY_ERROR ") :]
     return None

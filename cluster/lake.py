@@ -99,7 +99,9 @@ def with_retries(op: Callable[[], T], what: str, deadline_s: float | None = None
                         f"{what}: storage unreachable after {attempt} attempts: {exc}"
                     ) from exc
                 raise
-            log.warning("%s: transient storage error (attempt %d), retrying: %s", what, attempt, exc)
+            log.warning(
+                "%s: transient storage error (attempt %d), retrying: %s", what, attempt, exc
+            )
             time.sleep(delay * (1 + random.random() / 2))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 2, 5.0)
 

@@ -152,10 +152,12 @@ def up(
     def node_ports() -> list[str]:
         # Per-node agent ports are fixed by default (52365, ...): pick free ones so this
         # cluster can run beside another Ray on the same machine (a user's, a test's).
-        return [f"--dashboard-agent-listen-port={_free_port()}",
-                f"--dashboard-agent-grpc-port={_free_port()}",
-                f"--runtime-env-agent-port={_free_port()}",
-                f"--metrics-export-port={_free_port()}"]
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ]
 
     per_node_cpus = num_cpus if num_cpus is not None else max(1, (os.cpu_count() or 2) // nodes)
     head = [

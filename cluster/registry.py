@@ -16,7 +16,9 @@ from medray.cluster.lake import Lake
 from medray.workers.errors import ConfigError, NotFoundError
 from medray.workers.models import ModelCard
 
-_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>\d+)|@(?P<alias>[\w.-]+))?$")
+_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>\d+)|@(?P<alias>[\w.-]+))?$"
+)
 
 
 def versions(lake: Lake, name: str) -> list[int]:

@@ -190,7 +190,9 @@ def _wait_ready(
                 last = exc
         time.sleep(0.5)
     _terminate(proc.pid)
-    raise InfraError(f"SeaweedFS did not become ready in {timeout_s:.0f}s ({last}); see {cfg['log']}")
+    raise InfraError(
+        f"SeaweedFS did not become ready in {timeout_s:.0f}s ({last}); see {cfg['log']}"
+    )
 
 
 def _terminate(pid: int, grace_s: float = 10.0) -> None:

@@ -57,8 +57,10 @@ def submit(
     spec = build_spec(kind, values).model_dump()
     _precheck(kind, spec, lake)
     job_id = new_job_id(kind)
-    extra = {"MEDRAY_SUBMITTED_AT": datetime.now(UTC).isoformat(),
-             "MEDRAY_SUBMITTED_BY": getpass.getuser()}
+    extra = {
+        "MEDRAY_SUBMITTED_AT": datetime.now(UTC).isoformat(),
+        "MEDRAY_SUBMITTED_BY": getpass.getuser(),
+    }
     prices = costs.load_prices()
     if prices:  # not secret: the job prices its own usage
         extra["MEDRAY_PRICES_JSON"] = json.dumps(prices)

@@ -11,13 +11,19 @@ from typing import Any
 
 import typer
 
-app = typer.Typer(help="Distributed batch scoring and retraining for medical images on Ray.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-cluster_app = typer.Typer(help="The local Ray cluster (head + Jobs API on 127.0.0.1).",
-                          no_args_is_help=True)
+app = typer.Typer(
+    help="Distributed batch scoring and retraining for medical images on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cluster_app = typer.Typer(
+    help="The local Ray cluster (head + Jobs API on 127.0.0.1).", no_args_is_help=True
+)
 lake_app = typer.Typer(help="The embedded S3 lake (SeaweedFS on 127.0.0.1).", no_args_is_help=True)
-jobs_app = typer.Typer(help="Jobs on the cluster and their history in the lake.",
-                       no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Jobs on the cluster and their history in the lake.", no_args_is_help=True
+)
 datasets_app = typer.Typer(help="Dataset versions in the lake.", no_args_is_help=True)
 models_app = typer.Typer(help="Model versions and aliases in the lake.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
@@ -26,10 +32,15 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 
-LAKE = typer.Option(None, "--lake", envvar="MEDRAY_LAKE",
-                    help="Lake URI: a path, file://... or s3://bucket/prefix.")
-ADDRESS = typer.Option(None, "--address", envvar="RAY_ADDRESS",
-                       help="Ray Jobs API address (default: the local cluster).")
+LAKE = typer.Option(
+    None, "--lake", envvar="MEDRAY_LAKE", help="Lake URI: a path, file://... or s3://bucket/prefix."
+)
+ADDRESS = typer.Option(
+    None,
+    "--address",
+    envvar="RAY_ADDRESS",
+    help="Ray Jobs API address (default: the local cluster).",
+)
 JSON = typer.Option(False, "--json", help="Print one JSON object as the last stdout line.")
 WAIT = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends.")
 
@@ -87,12 +98,14 @@ def _run(fn: Any) -> Any:
         raise typer.Exit(1) from None
 
 
-def _submit(kind: str, values: dict[str, Any], address: str | None, wait: bool,
-            as_json: bool) -> dict[str, Any]:
+def _submit(
+    kind: str, values: dict[str, Any], address: str | None, wait: bool, as_json: bool
+) -> dict[str, Any]:
     from medray.jobs import api
 
-    result: dict[str, Any] = _run(lambda: api.submit(kind, values, address=address, wait=wait,
-                                                     on_log=api.stderr_log))
+    result: dict[str, Any] = _run(
+        lambda: api.submit(kind, values, address=address, wait=wait, on_log=api.stderr_log)
+    )
     return result
 
 
@@ -102,8 +115,11 @@ def cluster_up(
     nodes: int = typer.Option(1, help="Nodes on this machine: a head plus N-1 worker raylets."),
     num_cpus: int = typer.Option(None, help="CPUs per node (default: this machine's / nodes)."),
     num_gpus: int = typer.Option(None, help="GPUs per node (default: detected)."),
-    config: Path = typer.Option(None, "--config", help="A Ray cluster launcher YAML: runs "
-                                "`ray up` for a cloud cluster instead."),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        help="A Ray cluster launcher YAML: runs `ray up` for a cloud cluster instead.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Start the local Ray cluster (or a cloud one with --config)."""
@@ -114,8 +130,12 @@ def cluster_up(
     from medray.cluster import ray_local
 
     info = _run(lambda: ray_local.up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus))
-    _emit(info, as_json, f"Ray cluster up: {info.get('nodes')} node(s), {info.get('cpus')} CPUs, "
-          f"{info.get('gpus')} GPUs; Jobs API at {info['dashboard_url']} (token auth on)")
+    _emit(
+        info,
+        as_json,
+        f"Ray cluster up: {info.get('nodes')} node(s), {info.get('cpus')} CPUs, "
+        f"{info.get('gpus')} GPUs; Jobs API at {info['dashboard_url']} (token auth on)",
+    )
 
 
 def _ray_cli() -> str:
@@ -136,9 +156,12 @@ def cluster_status(as_json: bool = JSON) -> None:
     from medray.cluster import ray_local
 
     info = ray_local.status()
-    human = ("no local Ray cluster (start one with `medray cluster up`)" if not info["running"]
-             else f"running: {info.get('nodes')} node(s), {info.get('cpus')} CPUs, "
-             f"{info.get('gpus')} GPUs, Jobs API {info['dashboard_url']}")
+    human = (
+        "no local Ray cluster (start one with `medray cluster up`)"
+        if not info["running"]
+        else f"running: {info.get('nodes')} node(s), {info.get('cpus')} CPUs, "
+        f"{info.get('gpus')} GPUs, Jobs API {info['dashboard_url']}"
+    )
     _emit(info, as_json, human)
     if not info["running"]:
         raise typer.Exit(1)
@@ -151,8 +174,12 @@ def lake_up(as_json: bool = JSON) -> None:
 
     info = _run(s3server.up)
     public = {k: v for k, v in info.items() if k in ("endpoint", "bucket", "uri", "running")}
-    _emit(public, as_json, f"S3 lake up at {info['endpoint']}: {info['uri']} (credentials in "
-          f"{info['credentials_file']}, mode 0600)")
+    _emit(
+        public,
+        as_json,
+        f"S3 lake up at {info['endpoint']}: {info['uri']} (credentials in "
+        f"{info['credentials_file']}, mode 0600)",
+    )
 
 
 @lake_app.command("down")
@@ -170,8 +197,13 @@ def lake_status(as_json: bool = JSON) -> None:
 
     info = s3server.status()
     public = {k: v for k, v in info.items() if k in ("endpoint", "bucket", "uri", "running")}
-    _emit(public, as_json, f"running at {info['endpoint']}: {info['uri']}" if info["running"]
-          else "the embedded S3 lake is not running (start it with `medray lake up`)")
+    _emit(
+        public,
+        as_json,
+        f"running at {info['endpoint']}: {info['uri']}"
+        if info["running"]
+        else "the embedded S3 lake is not running (start it with `medray lake up`)",
+    )
     if not info["running"]:
         raise typer.Exit(1)
 
@@ -179,46 +211,70 @@ def lake_status(as_json: bool = JSON) -> None:
 # ---------------------------------------------------------------- jobs
 @app.command()
 def stage(
-    source: str = typer.Argument(..., help="Folder tree, .npz, CSV/TSV manifest or DICOM "
-                                 "folder; local or s3://."),
+    source: str = typer.Argument(
+        ..., help="Folder tree, .npz, CSV/TSV manifest or DICOM folder; local or s3://."
+    ),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name."),
     fmt: str = typer.Option("auto", "--format", help="auto|folder|npz|csv|dicom"),
     image_size: int = typer.Option(None, help="Square size of the staged pixels [128]."),
     channels: int = typer.Option(None, help="1 (gray) or 3 (RGB) [1]."),
     shard_mb: float = typer.Option(None, help="Target shard size in MB [128]."),
     keep_original: bool = typer.Option(False, help="Also keep the (de-identified) original bytes."),
-    val_percent: float = typer.Option(None, help="Validation share by patient when the source "
-                                      "has no splits [10]."),
+    val_percent: float = typer.Option(
+        None, help="Validation share by patient when the source has no splits [10]."
+    ),
     test_percent: float = typer.Option(None, help="Test share by patient [10]."),
-    max_errors: str = typer.Option(None, help="Fail when more inputs fail: a count or a "
-                                   "percent [10%]."),
+    max_errors: str = typer.Option(
+        None, help="Fail when more inputs fail: a count or a percent [10%]."
+    ),
     label_names: str = typer.Option(None, help="Comma-separated class names for .npz labels."),
     path_column: str = typer.Option(None, help="CSV image path column [Image Index]."),
     label_column: str = typer.Option(None, help="CSV label column [Finding Labels]."),
     label_sep: str = typer.Option(None, help="CSV multi-label separator [|]."),
-    no_finding: str = typer.Option(None, help="CSV value meaning no positive label "
-                                   "[No Finding]."),
+    no_finding: str = typer.Option(None, help="CSV value meaning no positive label [No Finding]."),
     patient_column: str = typer.Option(None, help="CSV patient column [Patient ID]."),
-    images_root: str = typer.Option(None, help="Where CSV paths resolve (default: the CSV's "
-                                    "folder)."),
-    lake: str = LAKE, address: str = ADDRESS, wait: bool = WAIT, as_json: bool = JSON,
+    images_root: str = typer.Option(
+        None, help="Where CSV paths resolve (default: the CSV's folder)."
+    ),
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
 ) -> None:
     """Stage images into a new dataset version (shards + manifest) in the lake."""
-    values = {"source": source, "dataset": dataset, "format": fmt, "image_size": image_size,
-              "channels": channels, "shard_mb": shard_mb, "keep_original": keep_original,
-              "val_percent": val_percent, "test_percent": test_percent, "max_errors": max_errors,
-              "label_names": label_names.split(",") if label_names else None,
-              "path_column": path_column, "label_column": label_column, "label_sep": label_sep,
-              "no_finding": no_finding, "patient_column": patient_column,
-              "images_root": images_root, "lake": lake}
+    values = {
+        "source": source,
+        "dataset": dataset,
+        "format": fmt,
+        "image_size": image_size,
+        "channels": channels,
+        "shard_mb": shard_mb,
+        "keep_original": keep_original,
+        "val_percent": val_percent,
+        "test_percent": test_percent,
+        "max_errors": max_errors,
+        "label_names": label_names.split(",") if label_names else None,
+        "path_column": path_column,
+        "label_column": label_column,
+        "label_sep": label_sep,
+        "no_finding": no_finding,
+        "patient_column": patient_column,
+        "images_root": images_root,
+        "lake": lake,
+    }
     if "://" not in source and Path(source).exists():
         values["source"] = str(Path(source).resolve())
     if images_root and "://" not in images_root:
         values["images_root"] = str(Path(images_root).resolve())
     res = _submit("stage", _given(values), address, wait, as_json)
-    _emit(res, as_json, None if not wait else
-          f"staged {res.get('dataset')}:{res.get('version')}: {res.get('images')} images, "
-          f"{res.get('duplicates', 0)} duplicates, {res.get('errors')} errors -> {res.get('uri')}")
+    _emit(
+        res,
+        as_json,
+        None
+        if not wait
+        else f"staged {res.get('dataset')}:{res.get('version')}: {res.get('images')} images, "
+        f"{res.get('duplicates', 0)} duplicates, {res.get('errors')} errors -> {res.get('uri')}",
+    )
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
@@ -229,16 +285,18 @@ def _given(values: dict[str, Any]) -> dict[str, Any]:
 def train(
     dataset: str = typer.Option(..., "--dataset", "-d", help="NAME or NAME:VERSION."),
     model: str = typer.Option(..., "--model", "-m", help="Model name to register."),
-    arch: str = typer.Option(None, help="small_cnn|mobilenet_v2|efficientnet_b0|densenet121|"
-                             "inception_v3 [small_cnn]"),
+    arch: str = typer.Option(
+        None, help="small_cnn|mobilenet_v2|efficientnet_b0|densenet121|inception_v3 [small_cnn]"
+    ),
     epochs: int = typer.Option(None, help="Maximum epochs [12]."),
     batch_size: int = typer.Option(None, help="Global batch size [64]."),
     learning_rate: float = typer.Option(None, help="Adam learning rate [0.002]."),
     workers: int = typer.Option(None, help="Ray Train workers [1]."),
     cpus_per_worker: float = typer.Option(None, help="CPUs per worker [1]."),
     gpus_per_worker: float = typer.Option(None, help="GPUs per worker [0]."),
-    weights: str = typer.Option(None, help="none|imagenet|PATH.keras|PATH.weights.h5|"
-                                "MODEL:VERSION [none]"),
+    weights: str = typer.Option(
+        None, help="none|imagenet|PATH.keras|PATH.weights.h5|MODEL:VERSION [none]"
+    ),
     mode: str = typer.Option(None, help="full|head [full]"),
     augment: bool = typer.Option(None, help="Random flips/crops/rotation/brightness."),
     class_weights: str = typer.Option(None, help="auto|none [auto]"),
@@ -246,22 +304,44 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the last checkpoint of --run-id."),
     run_id: str = typer.Option(None, help="Training run id (for --resume)."),
     seed: int = typer.Option(None, help="Random seed [0]."),
-    lake: str = LAKE, address: str = ADDRESS, wait: bool = WAIT, as_json: bool = JSON,
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
 ) -> None:
     """Train on Ray Train (TensorFlow, MultiWorkerMirroredStrategy); registers a model version."""
-    values = {"dataset": dataset, "model": model, "arch": arch, "epochs": epochs,
-              "batch_size": batch_size, "learning_rate": learning_rate, "workers": workers,
-              "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
-              "weights": weights, "mode": mode, "augment": augment,
-              "class_weights": class_weights, "patience": patience, "resume": resume,
-              "run_id": run_id, "seed": seed, "lake": lake}
+    values = {
+        "dataset": dataset,
+        "model": model,
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "workers": workers,
+        "cpus_per_worker": cpus_per_worker,
+        "gpus_per_worker": gpus_per_worker,
+        "weights": weights,
+        "mode": mode,
+        "augment": augment,
+        "class_weights": class_weights,
+        "patience": patience,
+        "resume": resume,
+        "run_id": run_id,
+        "seed": seed,
+        "lake": lake,
+    }
     if weights and Path(weights).exists():
         values["weights"] = str(Path(weights).resolve())
     res = _submit("train", _given(values), address, wait, as_json)
     auc = (res.get("metrics") or {}).get("val_mean_auroc")
-    _emit(res, as_json, None if not wait else
-          f"registered {res.get('model')}:{res.get('version')} (validation mean AUROC "
-          f"{auc if auc is None else round(auc, 4)}) -> {res.get('uri')}")
+    _emit(
+        res,
+        as_json,
+        None
+        if not wait
+        else f"registered {res.get('model')}:{res.get('version')} (validation mean AUROC "
+        f"{auc if auc is None else round(auc, 4)}) -> {res.get('uri')}",
+    )
 
 
 @app.command()
@@ -275,24 +355,42 @@ def score(
     cpus_per_actor: float = typer.Option(None, help="CPUs per actor [1]."),
     gpus_per_actor: float = typer.Option(None, help="Whole GPUs per actor [0]."),
     allow_cpu: bool = typer.Option(False, help="Score on CPU when the cluster has no GPU."),
-    only_new: bool = typer.Option(False, help="Skip images already scored by this model "
-                                  "version."),
+    only_new: bool = typer.Option(False, help="Skip images already scored by this model version."),
     retry_failed: str = typer.Option(None, help="Re-score the failed images of RUN_ID."),
     mixed_precision: bool = typer.Option(False, help="float16 compute on GPUs."),
     partition_by: str = typer.Option(None, help="none|date [none]"),
-    lake: str = LAKE, address: str = ADDRESS, wait: bool = WAIT, as_json: bool = JSON,
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
 ) -> None:
     """Score a dataset with a model version into a committed run of prediction tables."""
-    values = {"dataset": dataset, "model": model, "split": split, "run_id": run_id,
-              "actors": actors, "batch_size": batch_size, "cpus_per_actor": cpus_per_actor,
-              "gpus_per_actor": gpus_per_actor, "allow_cpu": allow_cpu, "only_new": only_new,
-              "retry_failed": retry_failed, "mixed_precision": mixed_precision,
-              "partition_by": partition_by, "lake": lake}
+    values = {
+        "dataset": dataset,
+        "model": model,
+        "split": split,
+        "run_id": run_id,
+        "actors": actors,
+        "batch_size": batch_size,
+        "cpus_per_actor": cpus_per_actor,
+        "gpus_per_actor": gpus_per_actor,
+        "allow_cpu": allow_cpu,
+        "only_new": only_new,
+        "retry_failed": retry_failed,
+        "mixed_precision": mixed_precision,
+        "partition_by": partition_by,
+        "lake": lake,
+    }
     res = _submit("score", _given(values), address, wait, as_json)
-    _emit(res, as_json, None if not wait else
-          f"run {res.get('run_id')}: {res.get('images')} images scored, {res.get('errors')} "
-          f"errors\npredictions: {res.get('predictions_uri')}\nerrors:      "
-          f"{res.get('errors_uri')}")
+    _emit(
+        res,
+        as_json,
+        None
+        if not wait
+        else f"run {res.get('run_id')}: {res.get('images')} images scored, {res.get('errors')} "
+        f"errors\npredictions: {res.get('predictions_uri')}\nerrors:      "
+        f"{res.get('errors_uri')}",
+    )
 
 
 @app.command()
@@ -302,18 +400,40 @@ def report(
     compare: str = typer.Option(None, help="Another model's run on the same images."),
     heatmaps: int = typer.Option(None, help="Grad-CAM overlays for the K top images per label."),
     n_boot: int = typer.Option(None, help="Bootstrap resamples for CIs [1000]."),
-    lake: str = LAKE, address: str = ADDRESS, wait: bool = WAIT, as_json: bool = JSON,
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
 ) -> None:
     """Metrics for a run: per-label AUROC and more, as Parquet tables and a terminal table."""
-    values = {"run_id": run_id, "reference": reference, "compare": compare,
-              "heatmaps": heatmaps, "n_boot": n_boot, "lake": lake}
+    values = {
+        "run_id": run_id,
+        "reference": reference,
+        "compare": compare,
+        "heatmaps": heatmaps,
+        "n_boot": n_boot,
+        "lake": lake,
+    }
     res = _submit("report", _given(values), address, wait, as_json)
     if as_json or not wait:
         _emit(res, as_json)
         return
     rows = [{"label": k, **v} for k, v in (res.get("metrics") or {}).items()]
-    columns = [c for c in ("label", "images", "positives", "auroc", "auroc_lo", "auroc_hi",
-                           "f1", "positive_rate", "drifted") if any(c in r for r in rows)]
+    columns = [
+        c
+        for c in (
+            "label",
+            "images",
+            "positives",
+            "auroc",
+            "auroc_lo",
+            "auroc_hi",
+            "f1",
+            "positive_rate",
+            "drifted",
+        )
+        if any(c in r for r in rows)
+    ]
     typer.echo(_table(rows, columns))
     typer.echo(f"report: {res.get('report_uri')}")
 
@@ -322,7 +442,10 @@ def report(
 def submit(
     spec_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="A YAML job spec."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set epochs=3."),
-    lake: str = LAKE, address: str = ADDRESS, wait: bool = WAIT, as_json: bool = JSON,
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
 ) -> None:
     """Submit a YAML job spec (kind: stage|train|score|report); CLI > env > spec > defaults."""
     from medray.jobs.specfile import load_spec_file
@@ -359,7 +482,9 @@ def predict(
 def jobs_list(
     kind: str = typer.Option(None, help="Only this kind."),
     status: str = typer.Option(None, help="Only this status."),
-    lake: str = LAKE, address: str = ADDRESS, as_json: bool = JSON,
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    as_json: bool = JSON,
 ) -> None:
     """Jobs from the lake's history, with the live cluster's status where it knows them."""
     from medray.jobs import local
@@ -377,8 +502,9 @@ def jobs_status(job_id: str, address: str = ADDRESS) -> None:
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"),
-              address: str = ADDRESS) -> None:
+def jobs_logs(
+    job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: str = ADDRESS
+) -> None:
     """The logs of one job."""
     from medray.cluster import jobs_client
 
@@ -410,13 +536,19 @@ def datasets_list(lake: str = LAKE, as_json: bool = JSON) -> None:
     from medray.jobs import local
 
     rows = _run(lambda: local.datasets_list(lake))
-    _emit(rows, as_json, _table(rows, ["dataset", "version", "images", "errors", "labels",
-                                       "created_at"]))
+    _emit(
+        rows,
+        as_json,
+        _table(rows, ["dataset", "version", "images", "errors", "labels", "created_at"]),
+    )
 
 
 @datasets_app.command("show")
-def datasets_show(ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
-                  lake: str = LAKE, as_json: bool = JSON) -> None:
+def datasets_show(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
+    lake: str = LAKE,
+    as_json: bool = JSON,
+) -> None:
     """A dataset version's manifest: counts by label and split."""
     from medray.jobs import local
 
@@ -424,10 +556,12 @@ def datasets_show(ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
     if as_json:
         _emit(manifest, True)
         return
-    typer.echo(f"{manifest['dataset']}:{manifest['version']}  {manifest['images']} images, "
-               f"{manifest['duplicates']} duplicates, {manifest['errors']} errors, "
-               f"{len(manifest['shards'])} shards, {manifest['image_size']}px "
-               f"{manifest['channel_layout']}")
+    typer.echo(
+        f"{manifest['dataset']}:{manifest['version']}  {manifest['images']} images, "
+        f"{manifest['duplicates']} duplicates, {manifest['errors']} errors, "
+        f"{len(manifest['shards'])} shards, {manifest['image_size']}px "
+        f"{manifest['channel_layout']}"
+    )
     rows = [{"split": s, **c} for s, c in manifest["counts"].items()]
     labels = sorted({k for c in manifest["counts"].values() for k in c})
     typer.echo(_table(rows, ["split", *labels]))
@@ -439,13 +573,17 @@ def models_list(lake: str = LAKE, as_json: bool = JSON) -> None:
     from medray.jobs import local
 
     rows = _run(lambda: local.models_list(lake))
-    _emit(rows, as_json, _table(rows, ["model", "version", "arch", "labels", "dataset",
-                                       "aliases", "created_at"]))
+    _emit(
+        rows,
+        as_json,
+        _table(rows, ["model", "version", "arch", "labels", "dataset", "aliases", "created_at"]),
+    )
 
 
 @models_app.command("show")
-def models_show(ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS"),
-                lake: str = LAKE) -> None:
+def models_show(
+    ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS"), lake: str = LAKE
+) -> None:
     """A model version's card."""
     from medray.jobs import local
 
@@ -458,19 +596,24 @@ def models_register(
     name: str = typer.Option(..., "--name"),
     labels: str = typer.Option(..., "--labels", help="Comma-separated, in output order."),
     multi_label: bool = typer.Option(False, help="Independent sigmoid scores per label."),
-    lake: str = LAKE, as_json: bool = JSON,
+    lake: str = LAKE,
+    as_json: bool = JSON,
 ) -> None:
     """Bring your own Keras model: register a .keras file as a new version."""
     from medray.jobs import local
 
-    card = _run(lambda: local.models_register(str(path), name, labels.split(","), multi_label,
-                                              lake))
+    card = _run(
+        lambda: local.models_register(str(path), name, labels.split(","), multi_label, lake)
+    )
     _emit(card, as_json, f"registered {card['name']}:{card['version']}")
 
 
 @models_app.command("promote")
-def models_promote(ref: str = typer.Argument(..., help="NAME:VERSION"),
-                   alias: str = typer.Option("prod", "--alias"), lake: str = LAKE) -> None:
+def models_promote(
+    ref: str = typer.Argument(..., help="NAME:VERSION"),
+    alias: str = typer.Option("prod", "--alias"),
+    lake: str = LAKE,
+) -> None:
     """Point an alias (default prod) at a version: NAME@prod then resolves to it."""
     from medray.jobs import local
 

@@ -21,8 +21,9 @@ MEDRAY = str(Path(sys.executable).parent / "medray")
 def medray(*args: str, capture_json: bool = False) -> dict | None:
     cmd = [MEDRAY, *args] + (["--json"] if capture_json else [])
     print(f"\n$ medray {' '.join(args)}", flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture_json else None, text=True,
-                          check=False)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE if capture_json else None, text=True, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"`medray {' '.join(args)}` failed with exit code {proc.returncode}")
     if capture_json:
@@ -42,19 +43,40 @@ def main() -> int:
         medray("lake", "up")
         medray("cluster", "up")
         os.environ.pop("MEDRAY_LAKE", None)  # the embedded S3 lake is the default lake
-        staged = medray("stage", str(DATA), "--dataset", "pneumoniamnist", "--image-size", "28",
-                        "--label-names", "normal,pneumonia", capture_json=True)
+        staged = medray(
+            "stage",
+            str(DATA),
+            "--dataset",
+            "pneumoniamnist",
+            "--image-size",
+            "28",
+            "--label-names",
+            "normal,pneumonia",
+            capture_json=True,
+        )
         assert staged
-        print(f"staged {staged['images']} images ({staged['duplicates']} duplicates) into "
-              f"{staged['uri']}")
-        trained = medray("train", "--dataset", "pneumoniamnist", "--model", "pneumonia-cnn",
-                         capture_json=True)
+        print(
+            f"staged {staged['images']} images ({staged['duplicates']} duplicates) into "
+            f"{staged['uri']}"
+        )
+        trained = medray(
+            "train", "--dataset", "pneumoniamnist", "--model", "pneumonia-cnn", capture_json=True
+        )
         assert trained
-        print(f"registered {trained['model']}:{trained['version']}, validation mean AUROC "
-              f"{trained['metrics']['val_mean_auroc']:.4f}")
-        scored = medray("score", "--dataset", "pneumoniamnist", "--model",
-                        f"pneumonia-cnn:{trained['version']}", "--split", "test",
-                        capture_json=True)
+        print(
+            f"registered {trained['model']}:{trained['version']}, validation mean AUROC "
+            f"{trained['metrics']['val_mean_auroc']:.4f}"
+        )
+        scored = medray(
+            "score",
+            "--dataset",
+            "pneumoniamnist",
+            "--model",
+            f"pneumonia-cnn:{trained['version']}",
+            "--split",
+            "test",
+            capture_json=True,
+        )
         assert scored
         medray("report", scored["run_id"])
         print(f"\npredictions: {scored['predictions_uri']}\nerrors:      {scored['errors_uri']}")

@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         from medray.jobs.specs import build_spec
 
         build_spec(args.kind, {k: v for k, v in spec.items()})  # re-validate on the cluster
-        ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING,
-                 log_to_driver=True)
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS", "auto"),
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
@@ -87,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, InputError) else 1
     except Exception as exc:  # noqa: BLE001 - reported to the CLI, then exit 1
         traceback.print_exc()
-        _fail(job_id, args.kind, spec, f"{type(exc).__name__}: {exc}",
-              logging.getLogger("medray.jobs.entry"))
+        _fail(
+            job_id,
+            args.kind,
+            spec,
+            f"{type(exc).__name__}: {exc}",
+            logging.getLogger("medray.jobs.entry"),
+        )
         return 1
     print("MEDRAY_RESULT " + json.dumps(_clean(result), default=str), flush=True)  # noqa: T201
     return 0
@@ -101,8 +109,14 @@ def _fail(job_id: str, kind: str, spec: dict[str, Any], message: str, log: loggi
         from medray.cluster import history
         from medray.cluster.lake import Lake, default_lake_uri
 
-        history.record(Lake(spec.get("lake") or default_lake_uri()), job_id, kind, spec, "FAILED",
-                       {"error": message})
+        history.record(
+            Lake(spec.get("lake") or default_lake_uri()),
+            job_id,
+            kind,
+            spec,
+            "FAILED",
+            {"error": message},
+        )
     except Exception as exc:  # noqa: BLE001 - history is best effort when the lake is down
         log.warning("could not record job history: %s", exc)
 

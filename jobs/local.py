@@ -36,8 +36,9 @@ def models_promote(ref: str, alias: str, lake: str | None) -> dict[str, int]:
     return registry.promote(resolve_lake(lake), name, version, alias)
 
 
-def models_register(path: str, name: str, labels: list[str], multi_label: bool,
-                    lake: str | None) -> dict[str, Any]:
+def models_register(
+    path: str, name: str, labels: list[str], multi_label: bool, lake: str | None
+) -> dict[str, Any]:
     from medray.workers.models import load_model
 
     model = load_model(path)
@@ -45,15 +46,24 @@ def models_register(path: str, name: str, labels: list[str], multi_label: bool,
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[1] == shape[2]):
         raise ConfigError(f"{path}: expected a square image input (None, S, S, C), got {shape}")
     if model.output_shape[-1] != len(labels):
-        raise ConfigError(f"{path} gives {model.output_shape[-1]} scores but --labels names "
-                          f"{len(labels)}")
-    card = ModelCard(name=name, labels=labels, multi_label=multi_label, input_size=int(shape[1]),
-                     channels=int(shape[3]), arch="external", source=f"registered from "
-                     f"{Path(path).name}")
+        raise ConfigError(
+            f"{path} gives {model.output_shape[-1]} scores but --labels names {len(labels)}"
+        )
+    card = ModelCard(
+        name=name,
+        labels=labels,
+        multi_label=multi_label,
+        input_size=int(shape[1]),
+        channels=int(shape[3]),
+        arch="external",
+        source=f"registered from {Path(path).name}",
+    )
     return registry.register(resolve_lake(lake), path, card).__dict__
 
 
-def predict(paths: list[str], model_ref: str, lake: str | None) -> dict[str, list[tuple[str, float]]]:
+def predict(
+    paths: list[str], model_ref: str, lake: str | None
+) -> dict[str, list[tuple[str, float]]]:
     import numpy as np
 
     from medray.workers.imaging import decode_image
@@ -65,20 +75,30 @@ def predict(paths: list[str], model_ref: str, lake: str | None) -> dict[str, lis
     model = load_model(registry.fetch(lk, card))
     out: dict[str, list[tuple[str, float]]] = {}
     for path in paths:
-        img = decode_image(Path(path).read_bytes(), size=card.input_size, channels=card.channels,
-                           name=path)
+        img = decode_image(
+            Path(path).read_bytes(), size=card.input_size, channels=card.channels, name=path
+        )
         scores = np.asarray(model(img.pixels[None].astype("float32"), training=False))[0]
-        out[path] = sorted(zip(card.labels, (float(s) for s in scores), strict=True),
-                           key=lambda kv: -kv[1])
+        out[path] = sorted(
+            zip(card.labels, (float(s) for s in scores), strict=True), key=lambda kv: -kv[1]
+        )
     return out
 
 
-def jobs_list(lake: str | None, address: str | None, kind: str | None,
-              status: str | None) -> list[dict[str, Any]]:
+def jobs_list(
+    lake: str | None, address: str | None, kind: str | None, status: str | None
+) -> list[dict[str, Any]]:
     """History from the lake, overlaid with the live status of jobs the cluster still knows."""
-    rows = {d["job_id"]: {"job_id": d["job_id"], "kind": d["kind"], "status": d["status"],
-                          "ended_at": d.get("ended_at"), "submitted_by": d.get("submitted_by")}
-            for d in history.list_history(resolve_lake(lake))}
+    rows = {
+        d["job_id"]: {
+            "job_id": d["job_id"],
+            "kind": d["kind"],
+            "status": d["status"],
+            "ended_at": d.get("ended_at"),
+            "submitted_by": d.get("submitted_by"),
+        }
+        for d in history.list_history(resolve_lake(lake))
+    }
     try:
         live = jobs_client.list_jobs(address)
     except (ConfigError, InfraError):
@@ -86,11 +106,16 @@ def jobs_list(lake: str | None, address: str | None, kind: str | None,
     for job in live:
         if not job["job_id"] or not str(job["job_id"]).startswith("medray-"):
             continue
-        row = rows.setdefault(job["job_id"], {"job_id": job["job_id"], "kind": job["kind"],
-                                              "ended_at": None, "submitted_by": None})
+        row = rows.setdefault(
+            job["job_id"],
+            {"job_id": job["job_id"], "kind": job["kind"], "ended_at": None, "submitted_by": None},
+        )
         row["status"] = job["status"]
-    out = [r for r in rows.values() if (not kind or r["kind"] == kind) and
-           (not status or r["status"] == status)]
+    out = [
+        r
+        for r in rows.values()
+        if (not kind or r["kind"] == kind) and (not status or r["status"] == status)
+    ]
     return sorted(out, key=lambda r: r["job_id"])
 
 

@@ -12,7 +12,9 @@ from medray.jobs.specs import build_spec
 from medray.workers.errors import ConfigError
 
 
-def load_spec_file(path: Path, overrides: list[str], lake: str | None) -> tuple[str, dict[str, Any]]:
+def load_spec_file(
+    path: Path, overrides: list[str], lake: str | None
+) -> tuple[str, dict[str, Any]]:
     """(kind, values) with precedence --set/--lake > environment > file > defaults."""
     try:
         doc = yaml.safe_load(path.read_text())

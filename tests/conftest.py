@@ -21,15 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
 MEDRAY = str(Path(sys.executable).parent / "medray")
 
-_SESSION_HOME = Path(os.environ.get("MEDRAY_TEST_HOME") or
-                     f"/tmp/medray-test-{uuid.uuid4().hex[:8]}")  # noqa: S108
+_SESSION_HOME = Path(
+    os.environ.get("MEDRAY_TEST_HOME") or f"/tmp/medray-test-{uuid.uuid4().hex[:8]}"
+)  # noqa: S108
 
 
 def _clean_env() -> None:
     for key in list(os.environ):
-        if key.startswith("AWS_") or key in ("MEDRAY_LAKE", "RAY_ADDRESS", "MEDRAY_FAULT",
-                                             "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
-                                             "RAY_AUTH_MODE"):
+        if key.startswith("AWS_") or key in (
+            "MEDRAY_LAKE",
+            "RAY_ADDRESS",
+            "MEDRAY_FAULT",
+            "RAY_AUTH_TOKEN",
+            "RAY_AUTH_TOKEN_PATH",
+            "RAY_AUTH_MODE",
+        ):
             os.environ.pop(key)
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
     os.environ["MEDRAY_HOME"] = str(_SESSION_HOME)
@@ -79,13 +85,22 @@ def ray_cluster(medray_home: Path) -> Iterator[dict]:
     ray_local.down()
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None,
-            timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([MEDRAY, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, check=False)
+def run_cli(
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [MEDRAY, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"medray {' '.join(args)} exited {proc.returncode}\n"
-                             f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"medray {' '.join(args)} exited {proc.returncode}\n"
+            f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -108,8 +123,9 @@ def small_npz(path: Path, per_split: dict[str, int], seed: int = 0) -> Path:
     out = {}
     for split, n in per_split.items():
         labels = d[f"{split}_labels"].ravel()
-        idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 2, replace=False)
-                              for c in (0, 1)])
+        idx = np.concatenate(
+            [rng.choice(np.flatnonzero(labels == c), n // 2, replace=False) for c in (0, 1)]
+        )
         out[f"{split}_images"] = d[f"{split}_images"][idx]
         out[f"{split}_labels"] = d[f"{split}_labels"][idx]
     np.savez(path, **out)

@@ -28,13 +28,18 @@ def main() -> int:
         for path in sorted((ROOT / layer).glob("*.py")):
             for line, module in imports(path):
                 parts = module.split(".")
-                if parts[0] == "medray" and len(parts) > 1 and parts[1] in RANK:
-                    if RANK[parts[1]] > rank:
-                        problems.append(f"{path.relative_to(ROOT)}:{line}: {layer} imports "
-                                        f"{module} (upward)")
+                upward = (
+                    parts[0] == "medray" and len(parts) > 1 and RANK.get(parts[1], -1) > rank
+                )
+                if upward:
+                    problems.append(
+                        f"{path.relative_to(ROOT)}:{line}: {layer} imports {module} (upward)"
+                    )
                 if layer == "workers" and module.startswith(WORKERS_FORBIDDEN):
-                    problems.append(f"{path.relative_to(ROOT)}:{line}: workers must stay pure "
-                                    f"(imports {module})")
+                    problems.append(
+                        f"{path.relative_to(ROOT)}:{line}: workers must stay pure "
+                        f"(imports {module})"
+                    )
     for p in problems:
         print(p)
     return 1 if problems else 0

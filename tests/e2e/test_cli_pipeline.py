@@ -21,24 +21,47 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, s3_server, ray_cluster):
     lake = f"s3://{s3_server['bucket']}/e2e"
-    src = small_npz(tmp_path_factory.mktemp("src") / "small.npz",
-                    {"train": 600, "val": 120, "test": 120})
-    staged = cli_json("stage", str(src), "--dataset", "pneu", "--image-size", "28",
-                      "--label-names", "normal,pneumonia", "--lake", lake)
-    trained = cli_json("train", "--dataset", "pneu", "--model", "cnn", "--epochs", "2",
-                       "--lake", lake)
-    scored = cli_json("score", "--dataset", "pneu", "--model", "cnn:1", "--split", "test",
-                      "--lake", lake)
+    src = small_npz(
+        tmp_path_factory.mktemp("src") / "small.npz", {"train": 600, "val": 120, "test": 120}
+    )
+    staged = cli_json(
+        "stage",
+        str(src),
+        "--dataset",
+        "pneu",
+        "--image-size",
+        "28",
+        "--label-names",
+        "normal,pneumonia",
+        "--lake",
+        lake,
+    )
+    trained = cli_json(
+        "train", "--dataset", "pneu", "--model", "cnn", "--epochs", "2", "--lake", lake
+    )
+    scored = cli_json(
+        "score", "--dataset", "pneu", "--model", "cnn:1", "--split", "test", "--lake", lake
+    )
     reported = cli_json("report", scored["run_id"], "--lake", lake)
-    return {"lake": lake, "src": src, "staged": staged, "trained": trained, "scored": scored,
-            "reported": reported}
+    return {
+        "lake": lake,
+        "src": src,
+        "staged": staged,
+        "trained": trained,
+        "scored": scored,
+        "reported": reported,
+    }
 
 
 def _s3(home: Path, endpoint: str) -> pafs.S3FileSystem:
     creds = json.loads((home / "lake" / "credentials.json").read_text())
-    return pafs.S3FileSystem(access_key=creds["access_key"], secret_key=creds["secret_key"],
-                             endpoint_override=endpoint.split("//")[1], scheme="http",
-                             region="us-east-1")
+    return pafs.S3FileSystem(
+        access_key=creds["access_key"],
+        secret_key=creds["secret_key"],
+        endpoint_override=endpoint.split("//")[1],
+        scheme="http",
+        region="us-east-1",
+    )
 
 
 def test_stage_reports_unique_images_and_version(pipeline):
@@ -64,17 +87,27 @@ def test_predictions_read_back_with_plain_pyarrow(pipeline, medray_home, s3_serv
     scored = pipeline["scored"]
     fs = _s3(medray_home, s3_server["endpoint"])
     base = scored["predictions_uri"].removeprefix("s3://")
-    marker = json.loads(fs.open_input_stream(
-        base.rsplit("/", 1)[0] + "/_COMMITTED.json").read())
-    tables = [pq.read_table(f"{base.rsplit('/', 1)[0]}/{f}", filesystem=fs)
-              for f in marker["files"]]
+    marker = json.loads(fs.open_input_stream(base.rsplit("/", 1)[0] + "/_COMMITTED.json").read())
+    tables = [
+        pq.read_table(f"{base.rsplit('/', 1)[0]}/{f}", filesystem=fs) for f in marker["files"]
+    ]
     import pyarrow as pa
 
     preds = pa.concat_tables(tables)
     assert preds.num_rows == scored["images"] == 120 - 0  # every test image once
     assert len(set(preds.column("image_id").to_pylist())) == preds.num_rows
-    for col in ("image_id", "source_uri", "true_labels", "score_normal", "score_pneumonia",
-                "predicted_labels", "model", "model_version", "run_id", "scored_at"):
+    for col in (
+        "image_id",
+        "source_uri",
+        "true_labels",
+        "score_normal",
+        "score_pneumonia",
+        "predicted_labels",
+        "model",
+        "model_version",
+        "run_id",
+        "scored_at",
+    ):
         assert col in preds.column_names
     total = pc.add(preds.column("score_normal"), preds.column("score_pneumonia")).to_numpy()
     np.testing.assert_allclose(total, 1.0, atol=1e-4)
@@ -89,8 +122,9 @@ def test_report_auroc_matches_sklearn(pipeline, medray_home, s3_server):
     marker = json.loads(fs.open_input_stream(f"{run_dir}/_COMMITTED.json").read())
     import pyarrow as pa
 
-    preds = pa.concat_tables([pq.read_table(f"{run_dir}/{f}", filesystem=fs)
-                              for f in marker["files"]])
+    preds = pa.concat_tables(
+        [pq.read_table(f"{run_dir}/{f}", filesystem=fs) for f in marker["files"]]
+    )
     y = np.array([1 if "pneumonia" in t else 0 for t in preds.column("true_labels").to_pylist()])
     expected = roc_auc_score(y, preds.column("score_pneumonia").to_numpy())
     got = pipeline["reported"]["metrics"]["pneumonia"]["auroc"]
@@ -123,7 +157,15 @@ def test_jobs_list_shows_history(pipeline):
 
 
 def test_bad_reference_exits_2_before_submitting(pipeline):
-    proc = run_cli("score", "--dataset", "pneu", "--model", "nosuchmodel", "--lake",
-                   pipeline["lake"], check=False)
+    proc = run_cli(
+        "score",
+        "--dataset",
+        "pneu",
+        "--model",
+        "nosuchmodel",
+        "--lake",
+        pipeline["lake"],
+        check=False,
+    )
     assert proc.returncode == 2
     assert "no model 'nosuchmodel'" in proc.stderr

@@ -19,8 +19,17 @@ pytestmark = pytest.mark.integration
 def test_submit_spec_with_overrides(tmp_path, ray_cluster, local_lake):
     src = small_npz(tmp_path / "mini.npz", {"train": 40, "val": 10, "test": 10})
     spec = tmp_path / "stage.yaml"
-    spec.write_text(yaml.safe_dump({"kind": "stage", "source": "mini.npz", "dataset": "fromspec",
-                                    "image_size": 32, "label_names": ["normal", "pneumonia"]}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "stage",
+                "source": "mini.npz",
+                "dataset": "fromspec",
+                "image_size": 32,
+                "label_names": ["normal", "pneumonia"],
+            }
+        )
+    )
     # --set beats the file; the relative source resolves next to the spec file
     out = cli_json("submit", str(spec), "--set", "image_size=16", "--lake", local_lake)
     assert out["dataset"] == "fromspec" and out["images"] >= 55
@@ -40,8 +49,12 @@ def test_submit_rejects_bad_spec_before_submitting(tmp_path, local_lake):
 def test_shipped_specs_validate():
     from medray.jobs.specfile import load_spec_file
 
-    for name in ("nightly-score.yaml", "retrain-chexnet.yaml", "stage-chestxray14.yaml",
-                 "stage-pneumoniamnist.yaml"):
+    for name in (
+        "nightly-score.yaml",
+        "retrain-chexnet.yaml",
+        "stage-chestxray14.yaml",
+        "stage-pneumoniamnist.yaml",
+    ):
         kind, values = load_spec_file(ROOT / "configs" / name, [], None)
         assert kind in ("stage", "train", "score")
 
@@ -64,9 +77,18 @@ def _tiny_model(lake: str) -> None:
     model = build_model("small_cnn", 16, 1, 2, False)
     path = Path(lake).parent / "tiny.keras"
     model.save(path)
-    registry.register(Lake(lake), str(path), ModelCard(name="tiny", labels=["normal", "pneumonia"],
-                                                       multi_label=False, input_size=16,
-                                                       channels=1, arch="small_cnn"))
+    registry.register(
+        Lake(lake),
+        str(path),
+        ModelCard(
+            name="tiny",
+            labels=["normal", "pneumonia"],
+            multi_label=False,
+            input_size=16,
+            channels=1,
+            arch="small_cnn",
+        ),
+    )
 
 
 def test_three_node_cluster_spreads_actors_and_history_survives_restart(three_nodes, tmp_path):
@@ -76,11 +98,36 @@ def test_three_node_cluster_spreads_actors_and_history_survives_restart(three_no
     assert status["nodes"] == 3 and status["cpus"] == 3
     lake = str(tmp_path / "lake")
     src = small_npz(tmp_path / "mini.npz", {"train": 200, "val": 20, "test": 20})
-    cli_json("stage", str(src), "--dataset", "spread", "--image-size", "16", "--shard-mb",
-             "0.2", "--lake", lake, env=env)
+    cli_json(
+        "stage",
+        str(src),
+        "--dataset",
+        "spread",
+        "--image-size",
+        "16",
+        "--shard-mb",
+        "0.2",
+        "--lake",
+        lake,
+        env=env,
+    )
     _tiny_model(lake)
-    scored = cli_json("score", "--dataset", "spread", "--model", "tiny", "--actors", "3",
-                      "--cpus-per-actor", "1", "--batch-size", "16", "--lake", lake, env=env)
+    scored = cli_json(
+        "score",
+        "--dataset",
+        "spread",
+        "--model",
+        "tiny",
+        "--actors",
+        "3",
+        "--cpus-per-actor",
+        "1",
+        "--batch-size",
+        "16",
+        "--lake",
+        lake,
+        env=env,
+    )
     usage = scored["usage"]
     assert usage["actor_nodes"].get("MapWorker(MapBatches(ScorerActor))", 0) >= 2, usage
     assert usage["cpu_seconds"] > 0

@@ -84,8 +84,18 @@ def test_model_refs_and_aliases(tmp_path):
     f = tmp_path / "m.keras"
     f.write_bytes(b"not really a model")
     for _ in range(2):
-        registry.register(lake, str(f), ModelCard(name="m", labels=["a"], multi_label=False,
-                                                  input_size=8, channels=1, arch="small_cnn"))
+        registry.register(
+            lake,
+            str(f),
+            ModelCard(
+                name="m",
+                labels=["a"],
+                multi_label=False,
+                input_size=8,
+                channels=1,
+                arch="small_cnn",
+            ),
+        )
     assert registry.versions(lake, "m") == [1, 2]
     assert registry.resolve(lake, "m").version == 2
     assert registry.resolve(lake, "m:1").version == 1

@@ -14,17 +14,20 @@ def test_defaults_fill_in():
     assert spec.actors == 1 and spec.batch_size == 256 and spec.split is None
 
 
-@pytest.mark.parametrize(("kind", "values", "needle"), [
-    ("score", {"dataset": "d", "model": "m", "actorz": 2}, "did you mean 'actors'"),
-    ("train", {"dataset": "d", "model": "m", "epoch": 2}, "did you mean 'epochs'"),
-    ("stage", {"source": "s", "dataset": "d", "image_size": "big"}, "image_size"),
-    ("stage", {"source": "s", "dataset": "bad/name"}, "dataset"),
-    ("score", {"dataset": "d", "model": "m", "gpus_per_actor": 0.5}, "whole GPUs"),
-    ("score", {"dataset": "d", "model": "m", "run_id": "../../etc"}, "run id"),
-    ("stage", {"source": "s", "dataset": "d", "max_errors": "lots"}, "max-errors"),
-    ("nonsense", {}, "unknown job kind"),
-    ("report", {"run_id": "r", "n_boot": -1}, "n_boot"),
-])
+@pytest.mark.parametrize(
+    ("kind", "values", "needle"),
+    [
+        ("score", {"dataset": "d", "model": "m", "actorz": 2}, "did you mean 'actors'"),
+        ("train", {"dataset": "d", "model": "m", "epoch": 2}, "did you mean 'epochs'"),
+        ("stage", {"source": "s", "dataset": "d", "image_size": "big"}, "image_size"),
+        ("stage", {"source": "s", "dataset": "bad/name"}, "dataset"),
+        ("score", {"dataset": "d", "model": "m", "gpus_per_actor": 0.5}, "whole GPUs"),
+        ("score", {"dataset": "d", "model": "m", "run_id": "../../etc"}, "run id"),
+        ("stage", {"source": "s", "dataset": "d", "max_errors": "lots"}, "max-errors"),
+        ("nonsense", {}, "unknown job kind"),
+        ("report", {"run_id": "r", "n_boot": -1}, "n_boot"),
+    ],
+)
 def test_bad_values_are_config_errors(kind, values, needle):
     with pytest.raises(ConfigError, match=needle):
         build_spec(kind, values)
@@ -48,13 +51,16 @@ def test_precedence_set_over_env_over_file(tmp_path, monkeypatch):
     assert values["lake"] == "/from/flag"
 
 
-@pytest.mark.parametrize("text", [
-    "kind: [unclosed\n",
-    "- just\n- a list\n",
-    "dataset: d\nmodel: m\n",
-    "kind: score\ndataset: d\nmodel: m\nactors: many\n",
-    "!!python/object/apply:os.system ['echo hacked']\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "kind: [unclosed\n",
+        "- just\n- a list\n",
+        "dataset: d\nmodel: m\n",
+        "kind: score\ndataset: d\nmodel: m\nactors: many\n",
+        "!!python/object/apply:os.system ['echo hacked']\n",
+    ],
+)
 def test_bad_spec_files(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
