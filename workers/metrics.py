@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from medray.workers.errors import InputError
 from scipy import stats
+
+from medray.workers.errors import InputError
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 

@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
-from medray.workers import metrics as m
-from medray.workers.errors import InputError
 from scipy.stats import norm
 from sklearn import metrics as skm
+
+from medray.workers import metrics as m
+from medray.workers.errors import InputError
 
 SEEDS = [0, 1, 2]
 SIZES = [2, 3, 7, 50, 2000]
