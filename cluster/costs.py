@@ -3,7 +3,7 @@
 Usage comes from Ray's state API for the job's tasks and actors: a task holds its resources
 from start to end; an actor holds them from its creation until its last method call ends.
 Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named by
-``MEDRAY_PRICES`` (see configs/prices.yaml); without one, cost is left out, never guessed.
+``MEDRAY_PRICES`` (see configs/cluster/prices.yaml); without one, cost is left out, never guessed.
 """
 
 from __future__ import annotations

@@ -175,29 +175,33 @@ def up(
     ]
     if num_gpus is not None:
         head.append(f"--num-gpus={num_gpus}")
-    _run_ray(head, env)
-    gcs_address = f"{_node_ip()}:{gcs_port}"
-    for _ in range(nodes - 1):
-        worker = [
-            _ray_binary(),
-            "start",
-            f"--address={gcs_address}",
-            f"--num-cpus={per_node_cpus}",
-            *common,
-            *node_ports(),
-        ]
-        if num_gpus is not None:
-            worker.append(f"--num-gpus={num_gpus}")
-        _run_ray(worker, env)
     cfg = {
-        "gcs_address": gcs_address,
+        "gcs_address": f"{_node_ip()}:{gcs_port}",
         "dashboard_url": f"http://127.0.0.1:{dash_port}",
         "temp_dir": _temp_dir(),
         "requested_nodes": nodes,
         "python": sys.executable,
     }
+    # recorded before anything starts, so `down` can clean up after a start that failed half-way
     write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
-    _wait_nodes(cfg["dashboard_url"], nodes, timeout_s)
+    try:
+        _run_ray(head, env)
+        for _ in range(nodes - 1):
+            worker = [
+                _ray_binary(),
+                "start",
+                f"--address={cfg['gcs_address']}",
+                f"--num-cpus={per_node_cpus}",
+                *common,
+                *node_ports(),
+            ]
+            if num_gpus is not None:
+                worker.append(f"--num-gpus={num_gpus}")
+            _run_ray(worker, env)
+        _wait_nodes(cfg["dashboard_url"], nodes, timeout_s)
+    except BaseException:
+        down()
+        raise
     return status()
 
 
@@ -227,7 +231,7 @@ def _wait_nodes(dashboard_url: str, nodes: int, timeout_s: float) -> None:
     raise InfraError(f"the local Ray cluster did not show {nodes} node(s) in {timeout_s:.0f}s")
 
 
-def _cluster_processes(temp_dir: str) -> list[Any]:
+def _cluster_processes(temp_dir: str, gcs_address: str = "") -> list[Any]:
     import psutil
 
     found = []
@@ -236,7 +240,8 @@ def _cluster_processes(temp_dir: str) -> list[Any]:
             cmdline = " ".join(proc.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if temp_dir in cmdline and proc.pid != os.getpid():
+        mine = temp_dir in cmdline or (gcs_address and gcs_address in cmdline)
+        if mine and proc.pid != os.getpid():
             found.append(proc)
     return found
 
@@ -249,7 +254,7 @@ def down(grace_s: float = 10.0) -> bool:
     cfg = read_json(path)
     if not cfg:
         return False
-    procs = _cluster_processes(cfg["temp_dir"])
+    procs = _cluster_processes(cfg["temp_dir"], cfg.get("gcs_address", ""))
     family: dict[int, Any] = {}
     for proc in procs:
         family[proc.pid] = proc

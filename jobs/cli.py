@@ -400,6 +400,9 @@ def report(
     compare: str = typer.Option(None, help="Another model's run on the same images."),
     heatmaps: int = typer.Option(None, help="Grad-CAM overlays for the K top images per label."),
     n_boot: int = typer.Option(None, help="Bootstrap resamples for CIs [1000]."),
+    drift_psi: float = typer.Option(
+        None, help="PSI above which a label is flagged as drifted (with KS p < 0.01) [0.2]."
+    ),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
@@ -412,6 +415,7 @@ def report(
         "compare": compare,
         "heatmaps": heatmaps,
         "n_boot": n_boot,
+        "drift_psi": drift_psi,
         "lake": lake,
     }
     res = _submit("report", _given(values), address, wait, as_json)
@@ -436,6 +440,8 @@ def report(
     ]
     typer.echo(_table(rows, columns))
     typer.echo(f"report: {res.get('report_uri')}")
+    if res.get("html_uri"):
+        typer.echo(f"html:   {res.get('html_uri')}")
 
 
 @app.command()

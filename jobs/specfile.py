@@ -32,7 +32,10 @@ def load_spec_file(
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: use key=value")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw else None
+        try:
+            values[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
     if lake:
         values["lake"] = lake
     source = values.get("source")

@@ -157,6 +157,8 @@ def build_spec(kind: str, values: dict[str, Any]) -> _Spec:
     cls = SPECS[kind]
     allowed = set(cls.model_fields)
     for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(f"keys of a {kind} spec are names, not {key!r}")
         if key not in allowed:
             raise ConfigError(f"unknown key {key!r} for a {kind} job{_suggest(key, allowed)}")
     try:

@@ -63,7 +63,7 @@ def test_shipped_specs_validate():
 def three_nodes(tmp_path_factory):
     """A second local cluster with a head and two worker raylets, under its own MEDRAY_HOME."""
     home = Path(f"/tmp/medray-3n-{uuid.uuid4().hex[:6]}")  # noqa: S108 - short socket paths
-    env = {"MEDRAY_HOME": str(home), "MEDRAY_PRICES": str(ROOT / "configs" / "prices.yaml")}
+    env = {"MEDRAY_HOME": str(home), "MEDRAY_PRICES": str(ROOT / "configs" / "cluster" / "prices.yaml")}
     info = cli_json("cluster", "up", "--nodes", "3", "--num-cpus", "1", env=env)
     yield env, info
     run_cli("cluster", "down", env=env, check=False)
@@ -159,7 +159,7 @@ def test_cluster_config_wraps_ray_up_and_fails_cleanly_without_cloud(tmp_path):
 def test_prices_table_parses():
     from medray.cluster.costs import cost, load_prices
 
-    prices = load_prices(str(ROOT / "configs" / "prices.yaml"))
+    prices = load_prices(str(ROOT / "configs" / "cluster" / "prices.yaml"))
     assert prices and "head" in prices
     usage = {"by_node_type": {"head": {"cpu_seconds": 3600.0, "gpu_seconds": 0.0}}}
     assert cost(usage, prices, 1000)["per_1000_images"] == pytest.approx(prices["head"]["cpu_hour"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 from tests.conftest import MEDRAY
 
@@ -23,10 +22,10 @@ COMMANDS = [
 ]
 
 
-def test_help_lists_every_command_quickly():
-    t0 = time.monotonic()
+def test_help_lists_every_command():
+    # start-up speed is measured in bench/, not asserted here; what keeps it fast (no
+    # TensorFlow or Ray import) is asserted below
     out = subprocess.run([MEDRAY, "--help"], capture_output=True, text=True, check=True).stdout
-    assert time.monotonic() - t0 < 2.0
     for cmd in COMMANDS:
         assert cmd in out
     for group, subs in {
