@@ -185,7 +185,7 @@ def up(
     # recorded before anything starts, so `down` can clean up after a start that failed half-way
     write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
     try:
-        _run_ray(head, env)
+        _start_head(head, env, cfg)
         for _ in range(nodes - 1):
             worker = [
                 _ray_binary(),
@@ -203,6 +203,21 @@ def up(
         down()
         raise
     return status()
+
+
+def _start_head(cmd: list[str], env: dict[str, str], cfg: dict[str, Any], tries: int = 3) -> None:
+    """`ray start --head`, again after a clean-up when the GCS was too slow to answer (seen on
+    loaded 2-core machines as 'RPC error: Deadline Exceeded')."""
+    for attempt in range(1, tries + 1):
+        try:
+            _run_ray(cmd, env)
+            return
+        except InfraError as exc:
+            if "Deadline Exceeded" not in str(exc) or attempt == tries:
+                raise
+            log.warning("Ray head start timed out (attempt %d/%d), retrying", attempt, tries)
+            _kill_cluster(cfg)
+            time.sleep(2 * attempt)
 
 
 def _node_ip() -> str:
@@ -246,14 +261,9 @@ def _cluster_processes(temp_dir: str, gcs_address: str = "") -> list[Any]:
     return found
 
 
-def down(grace_s: float = 10.0) -> bool:
-    """Stop this cluster's processes (head, worker raylets, workers, job drivers)."""
+def _kill_cluster(cfg: dict[str, Any], grace_s: float = 10.0) -> None:
     import psutil
 
-    path = _ray_dir() / "cluster.json"
-    cfg = read_json(path)
-    if not cfg:
-        return False
     procs = _cluster_processes(cfg["temp_dir"], cfg.get("gcs_address", ""))
     family: dict[int, Any] = {}
     for proc in procs:
@@ -274,6 +284,15 @@ def down(grace_s: float = 10.0) -> bool:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def down(grace_s: float = 10.0) -> bool:
+    """Stop this cluster's processes (head, worker raylets, workers, job drivers)."""
+    path = _ray_dir() / "cluster.json"
+    cfg = read_json(path)
+    if not cfg:
+        return False
+    _kill_cluster(cfg, grace_s)
     path.unlink(missing_ok=True)
     return True
 
