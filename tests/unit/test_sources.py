@@ -1,0 +1,481 @@
+"""Staging sources without Ray: listing rules, CSV manifests, splits, the batch decoder and the
+shard writer, on real files in a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medray.cluster import sources
+from medray.cluster.lake import Lake
+from medray.cluster.staging import ShardWriter
+from medray.workers.errors import ConfigError
+from medray.workers.shards import SHARD_SCHEMA, split_for
+
+
+def _png(path: Path, value: int = 0, size: int = 16, mode: str = "L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def _bomb_png(path: Path, side: int = 40_000) -> Path:
+    """A PNG whose header claims side x side pixels, with almost no data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body +
+                struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                     chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def _rel(items: list[dict], root: Path) -> dict[str, dict]:
+    return {it["uri"][len(str(root)) + 1:]: it for it in items}
+
+
+def _options(**kw) -> dict:
+    base = {"image_size": 16, "channels": 1, "keep_original": False, "max_pixels": 50_000_000,
+            "val_percent": 10.0, "test_percent": 10.0, "label_names": [], "multi_label": False}
+    return {**base, **kw}
+
+
+def _decode(items: list[dict], **kw) -> list[dict]:
+    decoder = sources.BatchDecoder(_options(**kw))
+    return decoder(sources.items_table(items)).to_pylist()
+
+
+# ---------------------------------------------------------------------------- folder listing
+def test_label_folders_hidden_sidecars_and_stray_files(tmp_path):
+    _png(tmp_path / "NORMAL" / "a.png")
+    _png(tmp_path / "PNEUMONIA" / "b.jpeg")
+    _png(tmp_path / "PNEUMONIA" / "sub" / "c.png")  # deeper: still the top folder's label
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.png").write_bytes(b"x")
+    (tmp_path / "NORMAL" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "README.md").write_text("about")
+    (tmp_path / "NORMAL" / "notes.txt").write_text("x")
+    (tmp_path / "NORMAL" / "scan.nii").write_bytes(b"x")
+    _png(tmp_path / "stray.png")
+    fmt, items, info = sources.folder_items(str(tmp_path))
+    assert fmt == "folder" and not info["has_splits"]
+    by = _rel(items, tmp_path)
+    assert set(by) == {"NORMAL/a.png", "PNEUMONIA/b.jpeg", "PNEUMONIA/sub/c.png",
+                       "NORMAL/scan.nii", "stray.png"}
+    assert by["NORMAL/a.png"]["labels"] == ["NORMAL"]
+    assert by["PNEUMONIA/sub/c.png"]["labels"] == ["PNEUMONIA"]
+    assert by["NORMAL/scan.nii"]["error_type"] == "unsupported"
+    assert by["stray.png"]["error_type"] == "no_label"
+    assert not by["NORMAL/a.png"].get("error_type")
+    assert sorted(info["skipped"]) == ["NORMAL/notes.txt", "README.md"]
+
+
+def test_top_level_split_folders_are_splits(tmp_path):
+    for split, label in [("train", "cat"), ("val", "cat"), ("test", "dog")]:
+        _png(tmp_path / split / label / f"{split}.png")
+    _, items, info = sources.folder_items(str(tmp_path))
+    assert info["has_splits"]
+    got = {tuple(it["labels"]): it["split"] for it in items}
+    assert {it["split"] for it in items} == {"train", "val", "test"}
+    assert got[("dog",)] == "test"
+
+
+def test_a_class_named_test_beside_others_is_a_label(tmp_path):
+    _png(tmp_path / "test" / "a.png")
+    _png(tmp_path / "other" / "b.png")
+    _, items, info = sources.folder_items(str(tmp_path))
+    assert not info["has_splits"]
+    assert {it["labels"][0] for it in items} == {"test", "other"}
+    assert all(it["split"] is None for it in items)
+
+
+def test_flat_folder_stages_with_unknown_labels(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", 1)
+    _, items, _ = sources.folder_items(str(tmp_path))
+    assert [it["labels"] for it in items] == [None, None]
+    assert not any(it.get("error_type") for it in items)
+
+
+def test_label_names_flag_rejects_other_folders(tmp_path):
+    _png(tmp_path / "a" / "1.png")
+    _png(tmp_path / "b" / "2.png")
+    _, items, _ = sources.folder_items(str(tmp_path), label_names=["a"])
+    assert [it.get("error_type") for it in _rel(items, tmp_path).values()] == [
+        None, "unknown_label"]
+
+
+def test_symlink_loops_are_not_followed_and_fifos_left_out(tmp_path):
+    _png(tmp_path / "a" / "x.png")
+    os.symlink("..", tmp_path / "a" / "loop")
+    os.mkfifo(tmp_path / "a" / "pipe.png")  # reading it would block forever
+    os.symlink("nowhere.png", tmp_path / "a" / "dangling.png")
+    _, items, _ = sources.folder_items(str(tmp_path))
+    by = _rel(items, tmp_path)
+    assert set(by) == {"a/x.png", "a/dangling.png"}
+    assert by["a/dangling.png"]["error_type"] == "unreadable"
+
+
+def test_a_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
+    path = _png(tmp_path / "a" / "x.png")
+    _, items, _ = sources.folder_items(str(tmp_path))
+    path.unlink()
+    os.mkfifo(path)  # no writer: a blocking open or read would wait forever
+    row = _decode(items)[0]
+    assert row["_error_type"] == "unreadable" and row["_stage"] == "read"
+
+
+def test_dicom_folders_are_detected_and_deep_trees_give_no_labels(tmp_path):
+    ct = get_testdata_file("CT_small.dcm")
+    for rel in ("p1/study/series/1.dcm", "p1/study/series/2.dcm", "p2/s/t/3"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(Path(ct).read_bytes())
+    fmt, items, _ = sources.folder_items(str(tmp_path))
+    assert fmt == "dicom"
+    assert len(items) == 3
+    # patient/study/series folders are not labels (their names can be identifying)
+    assert all(it["labels"] is None and not it.get("error_type") for it in items)
+    listing = sources.list_source({"source": str(tmp_path), "format": "auto"})
+    assert listing.format == "dicom" and listing.label_names == []
+
+
+def test_dicom_label_folders_give_labels(tmp_path):
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    for rel in ("ct/a.dcm", "mr/b.dcm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(ct)
+    fmt, items, _ = sources.folder_items(str(tmp_path))
+    assert fmt == "dicom"
+    assert sorted(it["labels"][0] for it in items) == ["ct", "mr"]
+
+
+def test_a_single_dicom_file_is_a_source(tmp_path):
+    path = tmp_path / "one.dcm"
+    path.write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
+    listing = sources.list_source({"source": str(path), "format": "auto"})
+    assert listing.format == "dicom" and listing.inputs == 1
+    assert listing.items.column("uri").to_pylist() == [str(path)]
+    assert listing.items.column("labels").to_pylist() == [None]
+
+
+def test_detect_format_by_name_and_missing_source(tmp_path):
+    assert sources.detect_format(str(tmp_path / "x.npz")) == "npz"
+    assert sources.detect_format(str(tmp_path / "Data_Entry_2017.csv")) == "csv"
+    assert sources.detect_format(str(tmp_path / "a.tsv")) == "csv"
+    assert sources.detect_format(str(tmp_path / "a.dcm")) == "dicom"
+    with pytest.raises(ConfigError, match="source not found"):
+        sources.detect_format(str(tmp_path / "nothing"))
+
+
+# ---------------------------------------------------------------------------- CSV manifests
+def test_parse_labels_separator_and_no_finding():
+    assert sources.parse_labels("Effusion|Atelectasis", "|", "No Finding") == [
+        "Atelectasis", "Effusion"]
+    assert sources.parse_labels("No Finding", "|", "No Finding") == []
+    assert sources.parse_labels(" Mass ", "|", "No Finding") == ["Mass"]
+    assert sources.parse_labels("", "|", "No Finding") is None
+    assert sources.parse_labels("a;b", ";", None) == ["a", "b"]
+
+
+@pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../x.png",
+                                 "C:\\images\\x.png", "s3://other/x.png", ""])
+def test_resolve_under_refuses_paths_that_leave_the_root(rel):
+    assert sources.resolve_under("/data/images", rel) is None
+
+
+def test_resolve_under_keeps_paths_inside():
+    assert sources.resolve_under("/data/images", "a/./b/../x.png") == "/data/images/a/x.png"
+    assert sources.resolve_under("bucket/prefix", "x.png") == "bucket/prefix/x.png"
+    assert sources.resolve_under("/data/images", "sub\\x.png") == "/data/images/sub/x.png"
+
+
+def _chestxray(tmp_path: Path) -> Path:
+    root = tmp_path / "cxr"
+    _png(root / "images_001" / "images" / "00000001_000.png", 1)
+    _png(root / "images_001" / "images" / "00000001_001.png", 2)
+    _png(root / "images_002" / "images" / "00000002_000.png", 3)
+    _png(root / "dup_a" / "same.png", 4)
+    _png(root / "dup_b" / "same.png", 5)
+    (tmp_path / "secret.png").write_bytes(b"outside")
+    (root / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age\n"
+        "00000001_000.png,Cardiomegaly|Emphysema,0,1,58\n"
+        "00000001_001.png,No Finding,1,1,58\n"
+        "images_002/images/00000002_000.png,Hernia,0,2,81\n"
+        "../secret.png,Hernia,0,3,30\n"
+        "/etc/passwd,Hernia,0,3,30\n"
+        "../../etc/passwd,Hernia,0,3,30\n"
+        "00000009_000.png,Mass,0,9,40\n"
+        "same.png,Mass,0,4,40\n"
+        "00000002_000.png,,0,2,81\n")
+    return root
+
+
+def test_csv_manifest_like_chestxray14(tmp_path):
+    root = _chestxray(tmp_path)
+    items = sources.csv_items(str(root / "Data_Entry_2017.csv"), "Image Index",
+                              "Finding Labels", "|", "No Finding", "Patient ID")
+    assert len(items) == 9
+    first, second, third, up, absolute, passwd, missing, ambiguous, unlabeled = items
+    assert first["uri"].endswith("images_001/images/00000001_000.png")  # found by name
+    assert first["labels"] == ["Cardiomegaly", "Emphysema"] and not first.get("error_type")
+    assert second["labels"] == [] and second["patient_key"] == first["patient_key"] == "csv:1"
+    assert third["labels"] == ["Hernia"] and not third.get("error_type")
+    for bad in (up, absolute, passwd):
+        assert bad["error_type"] == "unsafe_path"
+        assert "secret" not in bad["uri"] and not bad["uri"].startswith("/etc")
+    assert missing["error_type"] == "missing"
+    assert ambiguous["error_type"] == "ambiguous_path"
+    assert unlabeled["labels"] is None and not unlabeled.get("error_type")
+
+
+def test_csv_images_root_tsv_and_bad_columns(tmp_path):
+    images = tmp_path / "imgs"
+    _png(images / "x.png")
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("file\tfinding\nx.png\tA;B\n")
+    items = sources.csv_items(str(tsv), "file", "finding", ";", "No Finding", "Patient ID",
+                              images_root=str(images))
+    assert items[0]["labels"] == ["A", "B"] and not items[0].get("error_type")
+    assert items[0]["patient_key"] == "name:x"  # no patient column: file name grouping
+    with pytest.raises(ConfigError, match="did you mean 'finding'"):
+        sources.csv_items(str(tsv), "file", "findings", ";", None, None, str(images))
+    with pytest.raises(ConfigError, match="patient column 'pid'"):
+        sources.csv_items(str(tsv), "file", "finding", ";", None, "pid", str(images))
+
+
+def test_csv_single_label_column_is_not_multi_label(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", 1)
+    (tmp_path / "m.csv").write_text("path,label\na.png,cat\nb.png,dog\n")
+    spec = {"source": str(tmp_path / "m.csv"), "format": "auto", "path_column": "path",
+            "label_column": "label", "label_sep": "|", "no_finding": "No Finding",
+            "patient_column": None}
+    listing = sources.list_source(spec)
+    assert listing.format == "csv" and not listing.multi_label
+    assert listing.label_names == ["cat", "dog"]
+
+
+# ---------------------------------------------------------------------------- splits
+def test_split_is_deterministic_by_patient_key():
+    keys = [f"csv:{i}" for i in range(400)]
+    first = [sources.raw_split(None, k, 20, 20) for k in keys]
+    assert first == [sources.raw_split(None, k, 20, 20) for k in keys]
+    assert set(first) == {"train", "val", "test"}
+    assert sources.raw_split("test", "csv:1", 20, 20) == "test"  # the source's split wins
+    shares = {s: first.count(s) / len(first) for s in set(first)}
+    assert 0.1 < shares["val"] < 0.3 and 0.1 < shares["test"] < 0.3
+
+
+def test_nohash_files_of_one_subject_share_a_split(tmp_path):
+    # retrain.py: 'x_nohash_N' names one subject, whatever the label folder
+    for i in range(40):
+        _png(tmp_path / "yes" / f"spk{i}_nohash_0.png", i)
+        _png(tmp_path / "no" / f"spk{i}_nohash_1.png", 100 + i)
+    _, items, _ = sources.folder_items(str(tmp_path))
+    rows = _decode(items, val_percent=30.0, test_percent=30.0)
+    by_subject: dict[str, set[str]] = {}
+    for row in rows:
+        subject = Path(row["source_uri"]).name.split("_nohash_")[0]
+        by_subject.setdefault(subject, set()).add(row["split"])
+    assert all(len(s) == 1 for s in by_subject.values())
+    assert {s for v in by_subject.values() for s in v} == {"train", "val", "test"}
+
+
+def _dicom_with(base: str, path: Path, **attrs) -> Path:
+    ds = pydicom.dcmread(get_testdata_file(base))
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    return path
+
+
+def test_dicom_patient_id_groups_splits_and_is_never_stored(tmp_path):
+    files = []
+    for p in range(30):
+        for k in range(2):
+            files.append(_dicom_with("MR_small.dcm", tmp_path / f"f{p}_{k}.dcm",
+                                     PatientID=f"ZZPID{p:04d}", InstanceNumber=k + 1))
+    _, items, _ = sources.folder_items(str(tmp_path))
+    rows = _decode(items, val_percent=30.0, test_percent=30.0)
+    assert not any(r["_error_type"] for r in rows)
+    by_patient: dict[str, set[tuple[str, str]]] = {}
+    for r in rows:
+        pid = Path(r["source_uri"]).stem.split("_")[0]
+        by_patient.setdefault(pid, set()).add((r["split"], r["patient_key"]))
+    assert all(len(v) == 1 for v in by_patient.values())  # one split and one key a patient
+    assert len({next(iter(v))[1] for v in by_patient.values()}) == 30
+    assert not any("ZZPID" in (r["patient_key"] or "") or "ZZPID" in (r["metadata"] or "")
+                   for r in rows)
+    meta = rows[0]["metadata"]
+    assert '"modality": "MR"' in meta and '"rows": 64' in meta
+
+
+# ---------------------------------------------------------------------------- decoding
+def test_bad_inputs_become_error_rows(tmp_path):
+    good = _png(tmp_path / "l" / "good.png")
+    (tmp_path / "l" / "empty.png").write_bytes(b"")
+    full = _png(tmp_path / "l" / "big.png", 7, size=64).read_bytes()
+    (tmp_path / "l" / "truncated.png").write_bytes(full[: len(full) // 2])
+    (tmp_path / "l" / "text.jpg").write_text("this is not an image at all")
+    _bomb_png(tmp_path / "l" / "bomb.png")
+    rtdose = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # 15 frames
+    (tmp_path / "l" / "cine.dcm").write_bytes(rtdose)
+    _, items, _ = sources.folder_items(str(tmp_path))
+    rows = {Path(r["source_uri"]).name: r for r in _decode(items)}
+    assert rows["good.png"]["_error_type"] is None
+    assert rows["good.png"]["image_id"] == hashlib.sha256(good.read_bytes()).hexdigest()
+    assert len(rows["good.png"]["pixels"]) == 16 * 16
+    expected = {"empty.png": "empty", "truncated.png": "truncated", "text.jpg": "not_an_image",
+                "bomb.png": "too_large", "cine.dcm": "multi_frame", "big.png": None}
+    assert {k: rows[k]["_error_type"] for k in expected} == expected
+    assert all(rows[k]["_error_message"] for k, v in expected.items() if v)
+
+
+def test_oversized_file_is_refused_before_reading(tmp_path):
+    big = tmp_path / "a" / "huge.png"
+    big.parent.mkdir()
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 2_000_000)
+    _, items, _ = sources.folder_items(str(tmp_path))
+    max_pixels = 1000
+    assert sources.max_file_bytes(max_pixels) < 2_000_000 + sources.max_file_bytes(0)
+    items[0]["size"] = sources.max_file_bytes(max_pixels) + 1
+    row = _decode(items, max_pixels=max_pixels)[0]
+    assert row["_error_type"] == "too_large" and row["_stage"] == "read"
+
+
+def test_known_images_are_not_decoded_again(tmp_path):
+    a = _png(tmp_path / "l" / "a.png", 1)
+    _png(tmp_path / "l" / "b.png", 2)
+    known = np.sort(np.array([hashlib.sha256(a.read_bytes()).digest()], dtype="S32"))
+    _, items, _ = sources.folder_items(str(tmp_path))
+    rows = {Path(r["source_uri"]).name: r for r in _decode(items, known=known)}
+    assert rows["a.png"]["_known"] and rows["a.png"]["pixels"] == b""
+    assert not rows["b.png"]["_known"] and len(rows["b.png"]["pixels"]) == 256
+
+
+def test_keep_original_stores_deidentified_dicom(tmp_path):
+    path = _dicom_with("CT_small.dcm", tmp_path / "x" / "a.dcm", PatientName="ZZNAME^PHI",
+                       InstitutionName="ZZ PHI HOSPITAL", AccessionNumber="ZZACC991")
+    row = _decode(sources.folder_items(str(tmp_path))[1], keep_original=True)[0]
+    assert row["_error_type"] is None
+    assert row["image_id"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    for marker in (b"ZZNAME", b"ZZ PHI HOSPITAL", b"ZZACC991", b"1CT1", b"20040119"):
+        assert marker not in row["original"]
+    ds = pydicom.dcmread(io.BytesIO(row["original"]))
+    assert ds.PatientIdentityRemoved == "YES" and ds.Rows == 128
+
+
+# ---------------------------------------------------------------------------- npz
+def test_npz_is_streamed_with_labels_and_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mini.npz"
+    np.savez_compressed(path, train_images=rng.integers(0, 255, (700, 8, 8), dtype=np.uint8),
+                        train_labels=rng.integers(0, 3, (700, 1)),
+                        test_images=rng.integers(0, 255, (5, 8, 8), dtype=np.uint8),
+                        test_labels=np.array([[0], [1], [2], [1], [7]]))
+    members, total, names, multi, has_splits = sources.npz_plan(str(path), ["a", "b", "c", "d",
+                                                                            "e", "f", "g", "h"])
+    assert total == 705 and not multi and has_splits and len(members) == 2
+    tables = list(sources.read_npz_member(pa.Table.from_pylist(members)))
+    assert [t.num_rows for t in tables] == [5, 512, 188]  # test first (sorted), then chunks
+    rows = _decode(pa.concat_tables(tables).to_pylist(), label_names=names)
+    assert [r["split"] for r in rows[:5]] == ["test"] * 5
+    assert [r["labels"] for r in rows[:5]] == [["a"], ["b"], ["c"], ["b"], ["h"]]
+    d = np.load(path)
+    np.testing.assert_array_equal(
+        np.frombuffer(rows[5]["pixels"], np.uint8).reshape(16, 16)[::2, ::2].shape, (8, 8))
+    assert rows[5]["source_uri"].endswith("#train_images/0")
+    assert rows[5]["labels"] == [names[int(d["train_labels"][0, 0])]]
+    with pytest.raises(ConfigError, match="3 names"):
+        sources.npz_plan(str(path), ["a", "b", "c"])
+
+
+def test_npz_multi_label(tmp_path):
+    path = tmp_path / "chest.npz"
+    np.savez(path, val_images=np.zeros((3, 4, 4), np.uint8),
+             val_labels=np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0]]))
+    members, _, names, multi, _ = sources.npz_plan(str(path), None)
+    assert multi and names == ["0", "1", "2"]
+    table = pa.concat_tables(list(sources.read_npz_member(pa.Table.from_pylist(members))))
+    rows = _decode(table.to_pylist(), label_names=names, multi_label=True)
+    assert [r["labels"] for r in rows] == [["0", "2"], [], ["1"]]
+
+
+# ---------------------------------------------------------------------------- shard writer
+def _rows(n: int, seed: int = 0, side: int = 64) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    pix = [rng.integers(0, 40, side * side, dtype=np.uint8).tobytes() for _ in range(n)]
+    return pa.Table.from_pydict({
+        "image_id": [hashlib.sha256(p).hexdigest() for p in pix],
+        "source_uri": [f"/x/{seed}-{i}.png" for i in range(n)],
+        "labels": [["a"]] * n, "patient_key": [None] * n, "split": ["train"] * n,
+        "height": [side] * n, "width": [side] * n, "channels": [1] * n, "pixels": pix,
+        "orig_height": [side] * n, "orig_width": [side] * n, "format": ["png"] * n,
+        "metadata": [None] * n, "original": [None] * n}, schema=SHARD_SCHEMA)
+
+
+def test_shard_writer_balances_and_checksums(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    target = 200_000
+    writer = ShardWriter(lake, "d/1/shards", "t", target)
+    batches = [_rows(50, s) for s in range(20)]
+    total = sum(b.nbytes for b in batches)
+    for i, b in enumerate(batches):
+        writer.add(b, more_bytes=sum(x.nbytes for x in batches[i + 1:]))
+    shards = writer.close()
+    assert sum(s["rows"] for s in shards) == 1000
+    sizes = [s["bytes"] for s in shards]
+    assert len(shards) >= 3
+    assert max(sizes) <= 1.35 * target and min(sizes) >= 0.6 * max(sizes)  # balanced
+    for s in shards:
+        data = (tmp_path / "lake" / s["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+        meta = pq.ParquetFile(io.BytesIO(data)).metadata
+        assert meta.num_rows == s["rows"]
+        assert meta.row_group(0).column(0).compression == "ZSTD"
+    ids = pa.concat_tables([lake.read_parquet(s["path"]) for s in shards]).column("image_id")
+    assert ids.to_pylist() == pa.concat_tables(batches).column("image_id").to_pylist()
+    assert total > 0
+
+
+def test_shard_writer_merges_a_small_tail(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    writer = ShardWriter(lake, "d/1/shards", "t", 150_000)
+    # the caller expected far more rows than came: without the merge the tail would be tiny
+    for s in range(8):
+        writer.add(_rows(50, s), more_bytes=10_000_000)
+    writer.add(_rows(2, 99), more_bytes=0)
+    shards = writer.close()
+    rows = [s["rows"] for s in shards]
+    assert sum(rows) == 402 and min(rows) > 20
+    assert len(lake.list_files("d/1/shards")) == len(shards)
+
+
+def test_items_per_block_balances_size_and_workers():
+    # 20000 gray 128 px images on 2 workers: 16 blocks, not 625 tiny ones
+    assert sources.items_per_block(20_000, 32, 2, 128 * 128 + 512) == 1250
+    # large rows (kept originals): about BLOCK_BYTES of output per block, never under a batch
+    assert sources.items_per_block(20_000, 32, 2, 1e6) == 33
+    assert sources.items_per_block(20_000, 64, 2, 1e7) == 64
+    assert sources.items_per_block(10, 32, 2, 100) == 32  # a tiny job: one block
+
+
+def test_split_for_matches_the_shared_rule():
+    # the decoder's split must be the lake-wide rule, so other tools can recompute it
+    assert sources.raw_split(None, "csv:7", 10, 10) == split_for("csv:7", 10, 10)
