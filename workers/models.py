@@ -6,6 +6,7 @@ so a scorer feeds the uint8 pixels straight from the shards and a model file is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -44,6 +45,7 @@ class ModelCard:
     code_version: str | None = None
     created_at: str | None = None
     source: str = "trained"
+    training: dict[str, Any] = field(default_factory=dict)  # id, jobs, resumes, feature cache
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -69,6 +71,77 @@ def _scaling_layer(keras: Any, scheme: str) -> Any:
     return keras.layers.Identity(name="scale")  # EfficientNet rescales inside itself
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Training-time augmentation, as Keras preprocessing layers that are the identity at
+    inference (so a saved model scores exactly like one trained without them).
+
+    ``crop`` is the largest zoom-in (a random crop of up to that fraction, resized back),
+    ``rotation`` a fraction of a full turn, ``brightness`` a fraction of the 0-255 range.
+    """
+
+    flip: bool = True
+    crop: float = 0.1
+    rotation: float = 0.03
+    brightness: float = 0.1
+
+    def describe(self) -> str:
+        return (f"flip={str(self.flip).lower()},crop={self.crop:g},rotation={self.rotation:g},"
+                f"brightness={self.brightness:g}")
+
+
+_AUG_ALIASES = {"rotate": "rotation", "zoom": "crop", "flips": "flip"}
+
+
+def parse_augment(value: bool | str | None) -> Augment | None:
+    """--augment: false/none -> None; true/default -> the defaults; or a list such as
+    ``flip,crop=0.15,rotation=0.05`` (only the named transforms, others off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Augment()
+    text = str(value).strip().lower()
+    if text in ("", "0", "false", "no", "none", "off"):
+        return None
+    if text in ("1", "true", "yes", "on", "default"):
+        return Augment()
+    chosen: dict[str, Any] = {"flip": False, "crop": 0.0, "rotation": 0.0, "brightness": 0.0}
+    defaults = Augment()
+    for part in text.split(","):
+        name, _, amount = part.strip().partition("=")
+        name = _AUG_ALIASES.get(name, name)
+        if name not in chosen:
+            raise ConfigError(f"--augment: unknown transform {name!r}; use flip, crop, rotation, "
+                              "brightness (e.g. flip,crop=0.1)")
+        if name == "flip":
+            chosen["flip"] = amount.strip() not in ("0", "false", "no", "off")
+            continue
+        try:
+            fraction = float(amount) if amount else float(getattr(defaults, name))
+        except ValueError:
+            raise ConfigError(f"--augment: {name}={amount!r} is not a number") from None
+        if not 0.0 <= fraction <= 0.5:
+            raise ConfigError(f"--augment: {name}={fraction} must lie in [0, 0.5]")
+        chosen[name] = fraction
+    return Augment(**chosen)
+
+
+def _augment_layers(keras: Any, aug: Augment, seed: int) -> list[Any]:
+    layers: list[Any] = []
+    if aug.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))
+    if aug.crop > 0:
+        layers.append(keras.layers.RandomZoom((-aug.crop, 0.0), seed=seed + 1, name="aug_crop"))
+        layers.append(keras.layers.RandomTranslation(aug.crop / 2, aug.crop / 2, seed=seed + 2,
+                                                     name="aug_shift"))
+    if aug.rotation > 0:
+        layers.append(keras.layers.RandomRotation(aug.rotation, seed=seed + 3, name="aug_rotate"))
+    if aug.brightness > 0:
+        layers.append(keras.layers.RandomBrightness(aug.brightness, value_range=(0, 255),
+                                                    seed=seed + 4, name="aug_brightness"))
+    return layers
+
+
 def build_model(
     arch: str,
     input_size: int,
@@ -78,39 +151,189 @@ def build_model(
     weights: str = "none",
     dropout: float = 0.2,
     seed: int = 0,
+    augment: Augment | None = None,
 ) -> Any:
-    """A classifier taking uint8-valued pixels (H, W, C) and giving one score per label."""
+    """A classifier taking uint8-valued pixels (H, W, C) and giving one score per label.
+
+    Layout: pixels -> [aug_* layers] -> scaling -> backbone -> ``features`` (a vector) ->
+    ``dropout`` -> ``scores`` (Dense). ``--mode head`` trains only the last two.
+    ``weights="imagenet"`` downloads through Keras; anything else starts from the seed.
+    """
     import keras
 
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_arch(arch, input_size)
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((input_size, input_size, channels), name="pixels")
+    x = inputs
+    for layer in _augment_layers(keras, augment, seed) if augment else []:
+        x = layer(x)
     activation = "sigmoid" if multi_label or n_labels == 1 else "softmax"
     if arch == "small_cnn":
-        x = keras.layers.Rescaling(1.0 / 255, name="scale")(inputs)
+        x = keras.layers.Rescaling(1.0 / 255, name="scale")(x)
+        # Large inputs (224 px X-rays) first go through strided stem convs down to <= 48 px,
+        # so a CPU epoch over a few thousand images takes seconds, not minutes; at MNIST-like
+        # sizes (28 px) there is no stem and the net is three conv blocks.
+        side, stem = input_size, 0
+        while side > 48:
+            x = keras.layers.Conv2D(24, 3, strides=2, padding="same", use_bias=False,
+                                    name=f"stem{stem}")(x)
+            x = keras.layers.BatchNormalization(name=f"stem_bn{stem}")(x)
+            x = keras.layers.Activation("relu", name=f"stem_relu{stem}")(x)
+            side, stem = (side + 1) // 2, stem + 1
         for i, width in enumerate((32, 64, 128)):
             x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
             x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
-            x = keras.layers.Activation("relu")(x)
+            x = keras.layers.Activation("relu", name=f"relu{i}")(x)
             if min(x.shape[1], x.shape[2]) >= 4:
                 x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
         x = keras.layers.GlobalAveragePooling2D(name="features")(x)
     else:
-        ctor_name, min_side, scheme = BACKBONES[arch]
-        if input_size < min_side:
-            raise ConfigError(f"{arch} needs images of at least {min_side}px; stage larger ones")
-        x = inputs
+        ctor_name, _, scheme = BACKBONES[arch]
         if channels == 1:  # ImageNet backbones want RGB: repeat the gray channel
             x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
         x = _scaling_layer(keras, scheme)(x)
         backbone = _backbone(keras, ctor_name, input_size, weights)
-        x = backbone(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
+        x = keras.layers.Identity(name="features")(backbone(x))
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(n_labels, activation=activation, name="scores")(x)
     return keras.Model(inputs, outputs, name=f"medray_{arch}")
+
+
+def check_arch(arch: str, input_size: int) -> None:
+    """ConfigError (naming the fix) for an unknown arch or images too small for it."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch in BACKBONES and input_size < BACKBONES[arch][1]:
+        raise ConfigError(f"{arch} needs images of at least {BACKBONES[arch][1]}px, the dataset "
+                          f"has {input_size}px: stage it again with a larger --image-size")
+
+
+def build_head(feature_dim: int, n_labels: int, multi_label: bool, dropout: float = 0.2,
+               seed: int = 0) -> Any:
+    """The trainable part of ``--mode head``: features -> dropout -> scores, with the same layer
+    names as in ``build_model`` so its weights drop into the full model."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((feature_dim,), name="features")
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
+    activation = "sigmoid" if multi_label or n_labels == 1 else "softmax"
+    outputs = keras.layers.Dense(n_labels, activation=activation, name="scores")(x)
+    return keras.Model(inputs, outputs, name="medray_head")
+
+
+HEAD_LAYERS = ("dropout", "scores")
+
+
+def feature_extractor(model: Any) -> Any:
+    """pixels -> the ``features`` vector of a model built by ``build_model`` (inference only)."""
+    import keras
+
+    try:
+        features = model.get_layer("features")
+    except ValueError as exc:
+        raise InputError(f"model {model.name!r} has no 'features' layer: --mode head needs a "
+                         "model built by medray") from exc
+    return keras.Model(model.inputs, features.output, name=f"{model.name}_features")
+
+
+def freeze_backbone(model: Any) -> int:
+    """Freeze everything below the head (BatchNorm then runs in inference mode, as Keras does
+    for frozen layers); returns how many weight tensors stay trainable."""
+    for layer in model.layers:
+        layer.trainable = layer.name in HEAD_LAYERS
+    return len(model.trainable_weights)
+
+
+def set_head(model: Any, head: Any) -> None:
+    """Copy the head's trained ``scores`` weights into the full model."""
+    model.get_layer("scores").set_weights(head.get_layer("scores").get_weights())
+
+
+def _layer_weights(model: Any) -> dict[str, Any]:
+    """{name: layer} for every layer with weights, nested models (backbones) flattened.
+
+    Keyed by the layer's own name: a backbone's name carries the input size
+    (``mobilenetv2_1.00_224``) while its layer names do not, so weights move between input
+    sizes. A name seen twice is keyed by its full path instead.
+    """
+    import keras
+
+    found: list[tuple[str, str, Any]] = []
+
+    def walk(layer: Any, path: str) -> None:
+        if isinstance(layer, keras.Model):
+            for sub in layer.layers:
+                walk(sub, f"{path}/{sub.name}")
+        elif layer.weights:
+            found.append((layer.name, path, layer))
+
+    for layer in model.layers:
+        walk(layer, layer.name)
+    names = [n for n, _, _ in found]
+    return {(n if names.count(n) == 1 else p): layer for n, p, layer in found}
+
+
+def transfer_weights(source: Any, target: Any) -> tuple[int, list[str]]:
+    """Copy weights layer by layer where the names and shapes match (a model with other labels
+    gives everything but its head). Returns (tensors copied, target layers left as they were)."""
+    src = _layer_weights(source)
+    copied, skipped = 0, []
+    for key, layer in _layer_weights(target).items():
+        other = src.get(key)
+        mine = layer.get_weights()
+        theirs = other.get_weights() if other is not None else None
+        if theirs is None or [w.shape for w in theirs] != [w.shape for w in mine]:
+            skipped.append(key)
+            continue
+        layer.set_weights(theirs)
+        copied += len(theirs)
+    return copied, skipped
+
+
+WEIGHT_SUFFIXES = (".keras", ".weights.h5", ".h5", ".hdf5")
+
+
+def apply_weights_file(model: Any, path: str) -> str:
+    """Load initial weights from a local file into ``model``; returns what was loaded.
+
+    ``.keras``: a whole model; layers whose names and shapes match are copied (so a model with
+    other labels gives everything but its head). ``.weights.h5``: Keras weights of this same
+    architecture, or of its backbone alone. ``.h5``/``.hdf5``: Keras Applications weights of the
+    backbone (the file ``--weights imagenet`` would download, fetched by hand).
+    """
+    import keras
+
+    name = path.rsplit("/", 1)[-1]
+    backbone = backbone_of(model)
+    if path.endswith(".keras"):
+        try:
+            source = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:
+            raise InputError(f"--weights {name}: not a loadable .keras model ({exc})") from exc
+        copied, skipped = transfer_weights(source, model)
+        if copied == 0:
+            raise InputError(f"--weights {name}: no layer matches this {model.name} by name and "
+                             "shape; pass weights of the same --arch")
+        return f"{copied} tensors from {name} ({len(skipped)} layers kept: {skipped[:5]})"
+    if not path.endswith(WEIGHT_SUFFIXES):
+        raise InputError(f"--weights {name}: use a .keras, .weights.h5 or .h5 file")
+    targets = [model] if path.endswith(".weights.h5") else []
+    targets += [backbone] if backbone is not None else []
+    if not targets:  # a legacy .h5 for a model without a backbone
+        targets = [model]
+    problems = []
+    for target in targets:
+        try:
+            target.load_weights(path)
+        except Exception as exc:  # noqa: BLE001 - try the next target, report all
+            problems.append(f"{target.name}: {str(exc)[:160]}")
+            continue
+        return f"{len(target.weights)} tensors from {name} into {target.name}"
+    raise InputError(f"--weights {name} does not fit this {model.name}: " + "; ".join(problems)
+                     + ". Pass weights saved from the same --arch")
 
 
 def _backbone(keras: Any, ctor_name: str, input_size: int, weights: str) -> Any:
@@ -119,18 +342,23 @@ def _backbone(keras: Any, ctor_name: str, input_size: int, weights: str) -> Any:
     if weights != "imagenet":
         return ctor(weights=None, **kw)
     previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(30)  # a blocked download must fail, not hang
+    socket.setdefaulttimeout(IMAGENET_TIMEOUT_S)  # a blocked download must fail, not hang
     started = time.monotonic()
     try:
         return ctor(weights="imagenet", **kw)
     except Exception as exc:
         raise InputError(
             f"could not get ImageNet weights for {ctor_name} "
-            f"({type(exc).__name__} after {time.monotonic() - started:.0f}s): this machine cannot "
-            "download them. Pass --weights PATH with a .keras or .weights.h5 file instead."
+            f"({type(exc).__name__} after {time.monotonic() - started:.0f}s: "
+            f"{str(exc)[:200]}): this machine cannot download them. Pass --weights PATH with a "
+            ".keras, .weights.h5 or Keras Applications .h5 file instead (or put the file in "
+            "~/.keras/models on every node)."
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
+
+
+IMAGENET_TIMEOUT_S = 20.0
 
 
 def backbone_of(model: Any) -> Any | None:
@@ -158,10 +386,8 @@ def configure_tensorflow(mixed_precision: bool = False) -> None:
     import tensorflow as tf
 
     for gpu in tf.config.list_physical_devices("GPU"):
-        try:
+        with contextlib.suppress(RuntimeError):  # already initialised in this process
             tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process
-            pass
     if mixed_precision:
         import keras
 

@@ -1,0 +1,361 @@
+"""The pure training pieces: batch plan, class weights and loss math, the distributed step,
+optimizer state round trip, early stopping bookkeeping, the feature-cache key. No Ray."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from medray.workers import training as tr
+from medray.workers.errors import ConfigError
+from medray.workers.models import build_model
+
+
+# ------------------------------------------------------------------------------ batch plan
+@pytest.mark.parametrize("rows,batch,world", [(600, 64, 1), (601, 64, 2), (4708, 64, 3),
+                                             (1001, 10, 4)])
+def test_plan_gives_every_worker_the_same_whole_batches(rows, batch, world):
+    plan = tr.plan_batches(rows, batch, world)
+    # Ray's equal split gives each worker floor(rows / world) rows; with drop_last each worker
+    # then sees exactly this many full batches, so no worker waits in a collective alone
+    per_worker = rows // world
+    assert per_worker // plan.local_batch == plan.steps
+    assert plan.global_batch == plan.local_batch * world <= batch
+    assert plan.steps * plan.global_batch <= rows < (plan.steps + 1) * plan.global_batch + world
+
+
+def test_plan_refuses_impossible_batches():
+    with pytest.raises(ConfigError, match="--batch-size"):
+        tr.plan_batches(100, 2, 4)
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        tr.plan_batches(50, 64, 1)
+    assert tr.plan_batches(100, 8, 2, local_replicas=2).per_replica == 2
+
+
+# --------------------------------------------------------------------------- class weights
+def test_chexnet_weights_for_multi_label():
+    pos, neg = tr.class_weights({"a": 10, "b": 90}, ["a", "b"], 100, multi_label=True)
+    np.testing.assert_allclose(pos, [0.9, 0.1], rtol=1e-6)  # |N| / (|P| + |N|)
+    np.testing.assert_allclose(neg, [0.1, 0.9], rtol=1e-6)  # |P| / (|P| + |N|)
+
+
+def test_balanced_weights_for_single_label():
+    pos, neg = tr.class_weights({"normal": 25, "pneumonia": 75}, ["normal", "pneumonia"], 100,
+                                multi_label=False)
+    np.testing.assert_allclose(pos, [2.0, 100 / 150], rtol=1e-6)
+    np.testing.assert_allclose(neg, [1.0, 1.0])
+    # the weighted class totals are equal: what "balanced" means
+    assert 25 * pos[0] == pytest.approx(75 * pos[1])
+
+
+def test_missing_label_counts_do_not_divide_by_zero():
+    pos, _ = tr.class_weights({}, ["a"], 10, multi_label=True)
+    assert np.all(np.isfinite(pos))
+    with pytest.raises(ConfigError):
+        tr.class_weights({"a": 1}, ["a"], 0, multi_label=True)
+
+
+def test_weighted_bce_matches_numpy():
+    y = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+    p = np.array([[0.8, 0.3], [0.4, 0.9], [0.6, 0.2]], np.float32)
+    pw, nw = np.array([0.9, 0.2], np.float32), np.array([0.1, 0.8], np.float32)
+    got = np.asarray(tr.make_loss(True, pw, nw)(y, p))
+    expected = -(pw * y * np.log(p) + nw * (1 - y) * np.log(1 - p)).mean(axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_weighted_cross_entropy_matches_numpy_and_unweighted_default():
+    y = np.array([[1, 0], [0, 1]], np.float32)
+    p = np.array([[0.7, 0.3], [0.1, 0.9]], np.float32)
+    w = np.array([2.0, 0.5], np.float32)
+    got = np.asarray(tr.make_loss(False, w, None)(y, p))
+    np.testing.assert_allclose(got, [-2.0 * math.log(0.7), -0.5 * math.log(0.9)], rtol=1e-5)
+    plain = np.asarray(tr.make_loss(False, None, None)(y, p))
+    np.testing.assert_allclose(plain, [-math.log(0.7), -math.log(0.9)], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- train step, resume
+def _data(n: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 60, (n, 28, 28, 1)).astype(np.uint8)
+    x[y == 1, 10:18, 10:18] += 150  # a bright square means class 1
+    return x, np.eye(2, dtype=np.float32)[y]
+
+
+def _setup(seed: int = 0, dropout: float = 0.2):
+    import keras
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    model = build_model("small_cnn", 28, 1, 2, False, seed=seed, dropout=dropout)
+    opt = keras.optimizers.Adam(1e-2)
+    opt.build(model.trainable_variables)
+    step = tr.make_train_step(strategy, model, opt, tr.make_loss(False, None, None), 16)
+    return model, opt, step
+
+
+def test_train_step_learns_a_separable_problem():
+    model, _, step = _setup()
+    x, y = _data()
+    losses = [float(step(x[:16], y[:16])) for _ in range(15)]
+    assert losses[-1] < losses[0] * 0.7
+    scores = tr.predict(model, [x])
+    assert tr.evaluate(y, scores, ["a", "b"])["mean_auroc"] > 0.9
+
+
+def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
+    # no dropout: its random stream is not part of a checkpoint (see docs/training.md)
+    x, y = _data()
+    model_a, opt_a, step_a = _setup(dropout=0.0)
+    for _ in range(3):
+        step_a(x[:16], y[:16])
+    model_a.save_weights(tmp_path / "a.weights.h5")
+    saved = tr.optimizer_state(opt_a)
+    assert int(opt_a.iterations.numpy()) == 3
+
+    model_b, opt_b, step_b = _setup(seed=99, dropout=0.0)  # other init, fresh optimizer
+    model_b.load_weights(tmp_path / "a.weights.h5")
+    tr.restore_optimizer(opt_b, model_b, saved)
+    assert int(opt_b.iterations.numpy()) == 3
+    model_c, _, step_c = _setup(seed=98, dropout=0.0)  # same weights, fresh Adam: differs
+    model_c.load_weights(tmp_path / "a.weights.h5")
+    for step in (step_a, step_b, step_c):
+        step(x[16:], y[16:])
+    for wa, wb in zip(model_a.get_weights(), model_b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    conv_a, conv_c = (m.get_layer("conv0").get_weights()[0] for m in (model_a, model_c))
+    assert np.abs(conv_a - conv_c).max() > 1e-3
+
+
+def test_restoring_into_another_model_names_the_fix():
+    import keras
+
+    _, opt_a, step_a = _setup()
+    x, y = _data()
+    step_a(x[:16], y[:16])
+    other = build_model("small_cnn", 64, 1, 2, False)  # extra stem layers: more variables
+    opt = keras.optimizers.Adam(1e-3)
+    with pytest.raises(ConfigError, match="same --arch"):
+        tr.restore_optimizer(opt, other, tr.optimizer_state(opt_a))
+
+
+_TWO_REPLICAS = textwrap.dedent("""
+    import numpy as np, tensorflow as tf, keras
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from medray.workers import training as tr
+    from medray.workers.models import build_model
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (8, 28, 28, 1)).astype(np.uint8)
+    y = np.eye(2, dtype=np.float32)[rng.integers(0, 2, 8)]
+    out = []
+    for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+        strategy = tf.distribute.MirroredStrategy(devices)
+        with strategy.scope():
+            model = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1)
+            opt = keras.optimizers.SGD(0.1)
+            step = tr.make_train_step(strategy, model, opt, tr.make_loss(False, None, None), 8)
+        assert tr.local_replicas(strategy) == len(devices)
+        loss = float(step(x, y))
+        out.append((loss, model.get_layer("conv0").get_weights()[0]))
+    # BatchNorm normalises per replica, so the split changes the numbers slightly, not wildly
+    print("LOSS", out[0][0], out[1][0])
+    print("DIFF", float(np.abs(out[0][1] - out[1][1]).max()))
+""")
+
+
+def test_a_worker_with_two_devices_splits_its_batch_and_averages_the_loss():
+    proc = subprocess.run([sys.executable, "-c", _TWO_REPLICAS], capture_output=True,
+                          text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
+                 if line.startswith(("LOSS", "DIFF")))
+    one, two = map(float, lines["LOSS"].split())
+    assert one == pytest.approx(two, rel=0.05)  # a global mean, not a sum over replicas
+    assert float(lines["DIFF"]) < 0.05
+
+
+# ------------------------------------------------------------------------ epochs, stopping
+def _rec(epoch: int, auc: float) -> dict:
+    return {"epoch": epoch, "val_mean_auroc": auc, "loss": 0.1}
+
+
+def test_best_epoch_and_early_stop_on_mean_auroc():
+    state = tr.new_state()
+    seen = [tr.end_epoch(state, _rec(e, a), patience=2, max_epochs=10)
+            for e, a in enumerate([0.7, 0.8, 0.79, 0.81, 0.80, 0.80], start=1)]
+    assert seen == [(True, False), (True, False), (False, False), (True, False),
+                    (False, False), (False, True)]
+    assert state["best_epoch"] == 4 and state["best_auroc"] == 0.81
+    assert tr.finished(state, 10) and "2 epochs" in state["stopped"]
+
+
+def test_reaching_max_epochs_is_not_an_early_stop():
+    state = tr.new_state()
+    tr.end_epoch(state, _rec(1, 0.9), patience=1, max_epochs=2)
+    improved, stop = tr.end_epoch(state, _rec(2, 0.5), patience=1, max_epochs=2)
+    assert (improved, stop) == (False, False)
+    assert tr.finished(state, 2) and state["stopped"] is None
+
+
+def test_without_any_finite_auroc_the_last_epoch_is_kept():
+    state = tr.new_state()
+    assert tr.end_epoch(state, _rec(1, float("nan")), 5, 2) == (False, False)
+    assert tr.end_epoch(state, _rec(2, float("nan")), 5, 2) == (True, False)
+    assert state["best_epoch"] == 2
+
+
+def test_thresholds_from_validation_and_one_class_fallback():
+    y = np.array([[1, 0], [1, 0], [0, 0], [0, 0]], np.float32)
+    s = np.array([[0.9, 0.1], [0.6, 0.2], [0.4, 0.3], [0.1, 0.4]], np.float32)
+    th = tr.choose_thresholds(y, s, ["a", "b"])
+    assert th == pytest.approx({"a": 0.6, "b": 0.5})
+
+
+# ---------------------------------------------------------------------------- cache key, logs
+def test_feature_key_covers_what_changes_the_features():
+    key, covers = tr.feature_key("mobilenet_v2", 32, 1, "none", 0, "3.15.1")
+    assert key.startswith("mobilenet_v2-") and len(key.split("-")[1]) == 12
+    assert tr.feature_key("mobilenet_v2", 32, 1, "none", 0, "3.15.1")[0] == key
+    others = [tr.feature_key("mobilenet_v2", 32, 1, "none", 1, "3.15.1")[0],
+              tr.feature_key("mobilenet_v2", 64, 1, "none", 0, "3.15.1")[0],
+              tr.feature_key("mobilenet_v2", 32, 3, "none", 0, "3.15.1")[0],
+              tr.feature_key("mobilenet_v2", 32, 1, "file:ab", 0, "3.15.1")[0],
+              tr.feature_key("densenet121", 32, 1, "none", 0, "3.15.1")[0]]
+    assert len({key, *others}) == 6
+    # the seed only matters for random weights
+    assert (tr.feature_key("mobilenet_v2", 32, 1, "imagenet", 0, "3.15.1")[0]
+            == tr.feature_key("mobilenet_v2", 32, 1, "imagenet", 5, "3.15.1")[0])
+    assert covers["weights"] == "none" and covers["seed"] == 0
+
+
+def test_progress_lines_read_well_with_missing_metrics():
+    line = tr.epoch_line({"epoch": 3, "loss": 0.25, "val_loss": float("nan"),
+                          "val_mean_auroc": None, "val_auroc": {"a": 0.9},
+                          "images_per_s": 812.4, "seconds": 5.0}, 12)
+    assert line.startswith("epoch 3/12 done: loss 0.2500")
+    assert "val mean AUROC n/a" in line and "a 0.9000" in line and "812 images/s" in line
+    assert tr.progress_line(1, 2, 5, 10, 99.6, 0.5) == (
+        "epoch 1/2 step 5/10: loss 0.5000, 100 images/s")
+
+
+# ------------------------------------------------- the job's bookkeeping on a local lake, no Ray
+def _shard(lake, rel: str, rows: list[tuple[str, list[str] | None]]) -> None:
+    from medray.workers.shards import shard_table
+
+    lake.write_parquet(rel, shard_table([
+        {"image_id": f"id{i}", "source_uri": f"s{i}", "labels": labels, "split": split,
+         "height": 2, "width": 2, "channels": 1, "pixels": bytes([i] * 4)}
+        for i, (split, labels) in enumerate(rows)]))
+
+
+def test_readers_keep_one_split_with_known_labels(tmp_path):
+    from medray.cluster.lake import Lake
+    from medray.cluster.training import count_rows, read_images
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [("train", ["a"]), ("train", ["b"]), ("val", ["a"]), ("train", None),
+            ("train", ["a", "b"]), ("test", [])]
+    _shard(lake, "datasets/d/1/shards/part-00000.parquet", rows)
+    out = list(read_images({"path": ["datasets/d/1/shards/part-00000.parquet"]}, lake.uri,
+                           "train", ["a", "b"], True))
+    x = np.concatenate([b["x"] for b in out])
+    y = np.concatenate([b["y"] for b in out])
+    assert x.shape == (3, 2, 2, 1)  # the unlabelled train row is never trained on
+    got = {int(img[0, 0, 0]): tuple(t) for img, t in zip(x, y, strict=True)}
+    assert got == {0: (1.0, 0.0), 1: (0.0, 1.0), 4: (1.0, 1.0)}
+    counts = count_rows(lake, {"shards": [{"path": "datasets/d/1/shards/part-00000.parquet"}]},
+                        ["a", "b"])
+    assert counts == {"splits": {"train": 3, "val": 1, "test": 1},
+                      "positives": {"a": 2, "b": 2}}
+
+
+def test_training_ids_resume_and_refusals(tmp_path):
+    from medray.cluster.lake import Lake
+    from medray.cluster.training import choose_training
+
+    lake = Lake(str(tmp_path / "lake"))
+    spec = {"model": "m", "resume": False, "run_id": None}
+    with pytest.raises(ConfigError, match="--run-id"):
+        choose_training(lake, {**spec, "resume": True}, "job0")
+    fresh, started = choose_training(lake, spec, "job1")
+    assert fresh.startswith("m-") and not started
+    assert choose_training(lake, {**spec, "resume": True}, "job2") == (fresh, False)
+    lake.write_json(f"models/m/_training/{fresh}/checkpoints/latest.json", {"epoch": 1})
+    assert choose_training(lake, {**spec, "resume": True}, "job3") == (fresh, True)
+    named = {**spec, "run_id": fresh}
+    with pytest.raises(ConfigError, match="add --resume"):
+        choose_training(lake, named, "job4")
+    assert choose_training(lake, {**named, "resume": True}, "job5") == (fresh, True)
+    assert choose_training(lake, {**spec, "run_id": "new-id"}, "job6") == ("new-id", False)
+
+
+def test_resume_must_be_the_same_model_but_may_change_schedules():
+    from medray.cluster.training import _check_resume
+
+    saved = {"arch": "small_cnn", "mode": "full", "weights": "none", "augment": False,
+             "dataset_version": 1, "labels": ["a"], "epochs": 12, "learning_rate": 0.002}
+    assert _check_resume(saved, {**saved, "epochs": 20}, "t") == ["epochs"]
+    with pytest.raises(ConfigError, match="arch"):
+        _check_resume(saved, {**saved, "arch": "densenet121"}, "t")
+    with pytest.raises(ConfigError, match="dataset_version"):
+        _check_resume(saved, {**saved, "dataset_version": 2}, "t")
+
+
+def test_weights_references_resolve_or_say_what_to_pass(tmp_path):
+    import hashlib
+
+    from medray.cluster.lake import Lake
+    from medray.cluster.training import precheck, resolve_weights
+    from medray.workers.errors import NotFoundError
+
+    lake = Lake(str(tmp_path / "lake"))
+    local = tmp_path / "w.keras"
+    local.write_bytes(b"pretend model")
+    init = resolve_weights(lake, {"weights": str(local)}, "models/m/_training/t")
+    assert init.kind == "file" and init.path == "models/m/_training/t/init/w.keras"
+    assert init.identity == "file:" + hashlib.sha256(b"pretend model").hexdigest()
+    assert lake.read_bytes(init.path) == b"pretend model"
+    local.unlink()  # a resumed training still finds the copy it uploaded
+    assert resolve_weights(lake, {"weights": str(local)}, "models/m/_training/t") == init
+    lake.write_bytes("shared/w.weights.h5", b"w")
+    assert resolve_weights(lake, {"weights": "shared/w.weights.h5"}, None).path == (
+        "shared/w.weights.h5")
+    with pytest.raises(NotFoundError, match="no such file"):
+        resolve_weights(lake, {"weights": "missing/w.keras"}, None)
+    with pytest.raises(NotFoundError, match="no model 'other'"):
+        resolve_weights(lake, {"weights": "other:3"}, None)
+    assert resolve_weights(lake, {"weights": "none"}, None).identity == "none"
+
+    lake.write_json("datasets/d/1/manifest.json", {"image_size": 28, "labels": ["a"]})
+    with pytest.raises(ConfigError, match="small_cnn has no pretrained"):
+        precheck({"dataset": "d", "arch": "small_cnn", "weights": "imagenet", "model": "m"},
+                 lake)
+    with pytest.raises(ConfigError, match="at least 32px"):
+        precheck({"dataset": "d", "arch": "densenet121", "weights": "none", "model": "m"}, lake)
+
+
+def test_feature_files_follow_their_shard():
+    from medray.cluster.training import feature_file
+
+    assert feature_file("mobilenet_v2-abc", "datasets/cxr/2/shards/part-00003.parquet") == (
+        "features/mobilenet_v2-abc/cxr/2/part-00003.parquet")
+
+
+def test_a_workers_bad_input_surfaces_from_ray_train_wrappers():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from medray.cluster.training import _unwrap
+    from medray.workers.errors import InputError
+
+    bad = InputError("--weights x.keras: no layer matches")
+    wrapped = WorkerGroupError("Training failed", {0: RuntimeError("other"), 1: bad})
+    assert _unwrap(wrapped) is bad
+    plain = RuntimeError("boom")
+    assert _unwrap(plain) is plain
