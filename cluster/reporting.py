@@ -755,7 +755,7 @@ def finish_heatmaps(lake: Any, ref: Any | None, base: str, job_id: str) -> list[
 
 
 def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
-    from medray.cluster import scoring
+    from medray.cluster import history, scoring
     from medray.workers import report_html
 
     started = time.monotonic()
@@ -814,6 +814,7 @@ def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
         "reference": spec.get("reference"), "compare": spec.get("compare"),
         "drift_psi": psi_threshold if ref is not None else None, "drifted_labels": drifted,
         "heatmaps": len(heat), "created_at": now_utc().isoformat(),
+        **history.run_cost(lake, run_id, marker.get("images")),
         "report_uri": lake.full_uri(base), "html_uri": lake.full_uri(f"{base}/report.html"),
     }
     html = report_html.render(report_html.document(summary, report.per_label, report.plots,

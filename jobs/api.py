@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from medray.cluster import catalog, costs, history, jobs_client, registry
+from medray.cluster import costs, history, jobs_client
 from medray.cluster.lake import Lake, default_lake_uri
 from medray.jobs.specs import build_spec
 from medray.workers.errors import JobFailedError
@@ -21,16 +21,19 @@ def resolve_lake(uri: str | None) -> Lake:
     return Lake(uri or default_lake_uri())
 
 
-def _precheck(kind: str, spec: dict[str, Any], lake: Lake) -> None:
-    """Catch bad references before anything is submitted (exit code 2)."""
-    if kind in ("train", "score"):
-        catalog.resolve(lake, spec["dataset"])
-    if kind == "score":
-        registry.resolve(lake, spec["model"])
-        if spec.get("retry_failed"):
-            from medray.cluster.scoring import read_commit
+def _precheck(kind: str, spec: dict[str, Any], lake: Lake, address: str | None) -> None:
+    """Catch what a job would refuse before anything is submitted (exit code 2): bad dataset,
+    model and run references, a resume with other options, GPUs the cluster lacks, weights."""
+    from medray.cluster import ray_local
 
-            read_commit(lake, spec["retry_failed"])
+    if kind == "train":
+        from medray.cluster import training
+
+        training.precheck(spec, lake, check_network=ray_local.is_local(address))
+    if kind == "score":
+        from medray.cluster import scoring
+
+        scoring.precheck(spec, lake, address)
     if kind == "report":
         from medray.cluster.scoring import read_commit
 
@@ -55,7 +58,7 @@ def submit(
     lake = resolve_lake(values.get("lake") or None)
     values["lake"] = lake.uri
     spec = build_spec(kind, values).model_dump()
-    _precheck(kind, spec, lake)
+    _precheck(kind, spec, lake, address)
     job_id = new_job_id(kind)
     extra = {
         "MEDRAY_SUBMITTED_AT": datetime.now(UTC).isoformat(),

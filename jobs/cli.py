@@ -486,8 +486,13 @@ def predict(
 # ---------------------------------------------------------------- management
 @jobs_app.command("list")
 def jobs_list(
-    kind: str = typer.Option(None, help="Only this kind."),
-    status: str = typer.Option(None, help="Only this status."),
+    kind: str = typer.Option(None, help="Only this kind: stage, train, score or report."),
+    status: str = typer.Option(None, help="Only this status, e.g. FAILED."),
+    dataset: str = typer.Option(None, help="Only jobs on this dataset (NAME or NAME:VERSION)."),
+    model: str = typer.Option(None, help="Only jobs of this model (NAME or NAME:VERSION)."),
+    run_id: str = typer.Option(None, "--run-id", help="Only jobs of this run."),
+    since: str = typer.Option(None, help="Only jobs started on or after this UTC date/time."),
+    until: str = typer.Option(None, help="Only jobs started on or before this UTC date/time."),
     lake: str = LAKE,
     address: str = ADDRESS,
     as_json: bool = JSON,
@@ -495,8 +500,12 @@ def jobs_list(
     """Jobs from the lake's history, with the live cluster's status where it knows them."""
     from medray.jobs import local
 
-    rows = _run(lambda: local.jobs_list(lake, address, kind, status))
-    _emit(rows, as_json, _table(rows, ["job_id", "kind", "status", "ended_at", "submitted_by"]))
+    rows = _run(lambda: local.jobs_list(
+        lake, address, kind=kind, status=status, dataset=dataset, model=model, run_id=run_id,
+        since=since, until=until))
+    _emit(rows, as_json, _table(
+        rows, ["job_id", "kind", "status", "started_at", "dataset", "model", "run_id",
+               "submitted_by"]))
 
 
 @jobs_app.command("status")

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         price = costs.cost(result["usage"], prices, result.get("images"))
         if price:
             result["cost"] = price
+        if args.kind == "score" and result.get("run_id"):
+            history.record_run_usage(lake, result["run_id"], job_id, result)
         history.record(lake, job_id, args.kind, spec, "SUCCEEDED", result)
     except MedrayError as exc:
         _fail(job_id, args.kind, spec, exc.message, logging.getLogger("medray.jobs.entry"))

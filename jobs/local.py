@@ -85,38 +85,70 @@ def predict(
     return out
 
 
-def jobs_list(
-    lake: str | None, address: str | None, kind: str | None, status: str | None
-) -> list[dict[str, Any]]:
-    """History from the lake, overlaid with the live status of jobs the cluster still knows."""
+def jobs_list(lake: str | None, address: str | None, **filters: Any) -> list[dict[str, Any]]:
+    """History from the lake, overlaid with the live status of jobs the cluster still knows.
+
+    Filters (``kind``, ``status``, ``dataset``, ``model``, ``run_id``, ``since``, ``until``)
+    are those of :func:`medray.cluster.history.list_history`; a job the live cluster knows but
+    the lake does not (its driver has not started yet) is listed only when no filter needs its
+    record."""
+    for key in ("since", "until"):
+        if filters.get(key):
+            filters[key] = _iso_date(key, str(filters[key]))
+    status = filters.pop("status", None)
     rows = {
         d["job_id"]: {
             "job_id": d["job_id"],
             "kind": d["kind"],
             "status": d["status"],
+            "started_at": d.get("started_at"),
             "ended_at": d.get("ended_at"),
+            "dataset": _ref(d, "dataset"),
+            "model": _ref(d, "model"),
+            "run_id": d.get("run_id"),
             "submitted_by": d.get("submitted_by"),
         }
-        for d in history.list_history(resolve_lake(lake))
+        for d in history.list_history(resolve_lake(lake), **filters)
     }
     try:
         live = jobs_client.list_jobs(address)
     except (ConfigError, InfraError):
         live = []
+    record_only = any(filters.get(k) for k in ("dataset", "model", "run_id", "since", "until"))
     for job in live:
         if not job["job_id"] or not str(job["job_id"]).startswith("medray-"):
             continue
-        row = rows.setdefault(
-            job["job_id"],
-            {"job_id": job["job_id"], "kind": job["kind"], "ended_at": None, "submitted_by": None},
-        )
-        row["status"] = job["status"]
-    out = [
-        r
-        for r in rows.values()
-        if (not kind or r["kind"] == kind) and (not status or r["status"] == status)
-    ]
-    return sorted(out, key=lambda r: r["job_id"])
+        if job["job_id"] in rows:
+            rows[job["job_id"]]["status"] = job["status"]
+        elif not record_only and (not filters.get("kind") or job["kind"] == filters["kind"]):
+            rows[job["job_id"]] = {"job_id": job["job_id"], "kind": job["kind"],
+                                   "status": job["status"]}
+    out = [r for r in rows.values() if not status or r["status"] == status.upper()]
+    return sorted(out, key=lambda r: (r.get("started_at") or "~", r["job_id"]))
+
+
+def _ref(doc: dict[str, Any], key: str) -> str | None:
+    name, version = doc.get(key), doc.get(f"{key}_version")
+    if not name:
+        return None
+    return f"{name}:{version}" if version is not None else str(name)
+
+
+def _iso_date(flag: str, value: str) -> str:
+    """A --since/--until value as a sortable UTC ISO prefix; a clear error otherwise."""
+    import datetime as dt
+
+    try:
+        if len(value) == 10:
+            return dt.date.fromisoformat(value).isoformat()
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"--{flag} {value!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM (UTC)"
+        ) from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    return parsed.isoformat()
 
 
 def job_record(job_id: str, lake: str | None) -> dict[str, Any]:

@@ -327,7 +327,8 @@ def render(doc: dict[str, Any]) -> str:
     title = f"medray report: {s.get('run_id', '')}"
     keys = ("run_id", "model", "model_version", "dataset", "dataset_version", "split", "images",
             "errors", "with_truth", "patients", "ci_unit", "n_boot", "reference", "compare",
-            "drift_psi", "drifted_labels", "heatmaps", "created_at")
+            "drift_psi", "drifted_labels", "heatmaps", "cpu_seconds", "gpu_seconds",
+            "cost_total", "cost_per_1000_images", "currency", "created_at")
     summary_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_esc(s.get(k))}</td></tr>"
                            for k in keys if s.get(k) is not None)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -63,7 +63,8 @@ def test_shipped_specs_validate():
 def three_nodes(tmp_path_factory):
     """A second local cluster with a head and two worker raylets, under its own MEDRAY_HOME."""
     home = Path(f"/tmp/medray-3n-{uuid.uuid4().hex[:6]}")  # noqa: S108 - short socket paths
-    env = {"MEDRAY_HOME": str(home), "MEDRAY_PRICES": str(ROOT / "configs" / "cluster" / "prices.yaml")}
+    prices = ROOT / "configs" / "cluster" / "prices.yaml"
+    env = {"MEDRAY_HOME": str(home), "MEDRAY_PRICES": str(prices)}
     info = cli_json("cluster", "up", "--nodes", "3", "--num-cpus", "1", env=env)
     yield env, info
     run_cli("cluster", "down", env=env, check=False)
@@ -147,6 +148,18 @@ def test_three_node_cluster_spreads_actors_and_history_survives_restart(three_no
     assert {r["kind"] for r in rows} >= {"stage", "score"}
     live = run_cli("jobs", "status", scored["job_id"], env=env, check=False)
     assert live.returncode != 0  # the new head does not know it; only the lake does
+    only = cli_json("jobs", "list", "--lake", lake, "--kind", "score", "--dataset", "spread:1",
+                    "--model", "tiny", env=env)
+    assert [r["job_id"] for r in only] == [scored["job_id"]]
+    assert cli_json("jobs", "list", "--lake", lake, "--model", "tiny:2", env=env) == []
+
+    # the run's report summary carries what scoring it cost, per 1,000 images
+    reported = cli_json("report", scored["run_id"], "--lake", lake, "--n-boot", "50", env=env)
+    summary = reported["summary"]
+    assert summary["score_jobs"] == 1
+    assert summary["cost_per_1000_images"] == pytest.approx(
+        record["result"]["cost"]["per_1000_images"], rel=1e-3)
+    assert summary["cpu_seconds"] == pytest.approx(usage["cpu_seconds"], rel=1e-2)
 
 
 def test_cluster_config_wraps_ray_up_and_fails_cleanly_without_cloud(tmp_path):
