@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,16 @@ def _node_types() -> dict[str, str]:
     return types
 
 
+def _settled(tasks: list[Any]) -> bool:
+    """True when every actor that ran a call has a node and every started task has ended."""
+    placed = {t.actor_id for t in tasks if t.actor_id and t.node_id
+              and not str(t.type).endswith("ACTOR_CREATION_TASK")}
+    called = {t.actor_id for t in tasks if t.actor_id
+              and str(t.type).endswith("ACTOR_TASK")}
+    return called <= placed and all(t.end_time_ms for t in tasks
+                                    if t.start_time_ms and not t.actor_id)
+
+
 def job_usage(wall_s: float) -> dict[str, Any]:
     """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure)."""
     try:
@@ -51,12 +62,18 @@ def job_usage(wall_s: float) -> dict[str, Any]:
         from ray.util.state import list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
-        tasks = list_tasks(
-            filters=[("job_id", "=", job_hex)],
-            detail=True,
-            limit=10_000,
-            raise_on_missing_output=False,
-        )
+        # Workers report task events about once a second: list again while the last calls of
+        # an actor still lack their node or end time (bounded: three more tries).
+        for attempt in range(4):
+            tasks = list_tasks(
+                filters=[("job_id", "=", job_hex)],
+                detail=True,
+                limit=10_000,
+                raise_on_missing_output=False,
+            )
+            if attempt == 3 or _settled(tasks):
+                break
+            time.sleep(1.0)
         node_type = _node_types()
     except Exception as exc:  # noqa: BLE001 - accounting must never fail a job
         log.warning("could not read resource usage: %s", exc)

@@ -527,10 +527,11 @@ def result_metrics(report: Report) -> dict[str, dict[str, Any]]:
 
 _INT_COLUMNS = {"images", "with_truth", "positives", "negatives", "tp", "fp", "tn", "fn",
                 "paired_images", "reference_images", "bin", "count", "rank", "model_version",
-                "dataset_version", "errors", "dropped", "n_boot", "patients", "heatmaps"}
+                "dataset_version", "errors", "dropped", "n_boot", "patients", "heatmaps",
+                "score_jobs"}
 _STR_COLUMNS = {"label", "source", "run_id", "model", "dataset", "split", "ci_unit", "ci_note",
                 "reference", "compare", "created_at", "report_uri", "html_uri", "image_id",
-                "uri", "layer"}
+                "uri", "layer", "currency"}
 _LIST_COLUMNS = {"labels", "drifted_labels"}
 
 

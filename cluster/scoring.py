@@ -455,7 +455,8 @@ def _score_shards(spec: dict[str, Any], lake: Lake, job_id: str, card: ModelCard
     ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
     rows = ds.map_batches(
         ShardReader,
-        fn_constructor_args=(lake.uri, spec.get("split"), skip, only),
+        # one block per scorer batch, so the batches of even one shard spread over the pool
+        fn_constructor_args=(lake.uri, spec.get("split"), skip, only, int(spec["batch_size"])),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(2, len(pending))),

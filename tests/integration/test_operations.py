@@ -129,7 +129,9 @@ def test_three_node_cluster_spreads_actors_and_history_survives_restart(three_no
         lake,
         env=env,
     )
-    usage = scored["usage"]
+    marker = json.loads((Path(lake) / "runs" / scored["run_id"] / "_COMMITTED.json").read_text())
+    assert len({a["node_id"] for a in marker["actors"]}) >= 2, marker["actors"]
+    usage = scored["usage"]  # the job's own accounting sees the same spread
     assert usage["actor_nodes"].get("MapWorker(MapBatches(ScorerActor))", 0) >= 2, usage
     assert usage["cpu_seconds"] > 0
     # cost per 1,000 images from the price table, in the job's record
