@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -281,7 +281,32 @@ class Lake:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
+            self._check_bucket(f"write {self.full_uri(rel)}")
             with_retries(lambda: write(target), f"write {self.full_uri(rel)}")
+
+    _buckets_seen: ClassVar[set[tuple[str, str]]] = set()
+
+    def _check_bucket(self, what: str) -> None:
+        """Refuse to write into a bucket that does not exist. Some S3 servers (SeaweedFS)
+        create a bucket on the first PUT, so a typo in the lake URI would quietly start a new
+        lake. Checked once per process and bucket; a HEAD the credentials may not make
+        (access denied) leaves the decision to the write itself."""
+        bucket = self.base.split("/", 1)[0]
+        key = (str(getattr(self.fs, "endpoint_override", "") or ""), bucket)
+        if key in Lake._buckets_seen:
+            return
+        try:
+            info = with_retries(lambda: self.fs.get_file_info(bucket), what)
+        except PermanentStorageError as exc:
+            if "ACCESS_DENIED" not in str(exc):
+                raise
+            info = None
+        if info is not None and info.type == pafs.FileType.NotFound:
+            raise PermanentStorageError(
+                f"{what}: NO_SUCH_BUCKET: bucket {bucket!r} does not exist: "
+                f"{_PERMANENT['NO_SUCH_BUCKET']}"
+            )
+        Lake._buckets_seen.add(key)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         def write(path: str) -> None:

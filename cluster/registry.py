@@ -6,8 +6,9 @@ The card is written last and is the commit point. Aliases (``prod``) live in
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,25 @@ def resolve(lake: Lake, ref: str) -> ModelCard:
 
 
 def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
-    """A local path to the model file (downloaded once per process cache dir)."""
-    target_dir = Path(cache_dir or tempfile.gettempdir()) / "medray-models" / card.name
-    target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = target_dir / f"v{card.version}.keras"
+    """A local path to the model file, downloaded once into a private cache.
+
+    The cache (default ``MEDRAY_HOME/cache/models``, 0700) is keyed by the lake's URI and the
+    version's registration time as well as name and version, so a model of the same name and
+    version from another lake, or from a lake re-created at the same place, is never used
+    instead of the one asked for."""
+    from medray.cluster.home import medray_home
+
+    root = Path(cache_dir) if cache_dir else medray_home() / "cache" / "models"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = hashlib.sha256(
+        "\0".join((lake.uri, card.name, str(card.version), str(card.created_at))).encode()
+    ).hexdigest()[:20]
+    path = root / f"{card.name}-v{card.version}-{key}.keras"
     if not path.exists():
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(lake.read_bytes(f"models/{card.name}/{card.version}/model.keras"))
+        tmp = root / f".{path.name}.{os.getpid()}.part"  # concurrent fetches never share a part
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(lake.read_bytes(f"models/{card.name}/{card.version}/model.keras"))
         tmp.replace(path)
     return str(path)
 

@@ -17,7 +17,12 @@ def load_spec_file(
 ) -> tuple[str, dict[str, Any]]:
     """(kind, values) with precedence --set/--lake > environment > file > defaults."""
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): save the spec as "
+                          "UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read spec file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):

@@ -7,7 +7,6 @@ Prediction tables are read back with plain pyarrow from the files the commit mar
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import subprocess
@@ -108,13 +107,6 @@ def dataset_ids(lake_uri: str, dataset: str, version: int) -> set[str]:
             for i in lake.read_parquet(s["path"], columns=["image_id"]).column(0).to_pylist()}
 
 
-def precheck_wired() -> bool:
-    """Whether `medray score` runs scoring.precheck before submitting (jobs/api.py)."""
-    from medray.jobs import api
-
-    return "scoring.precheck(" in inspect.getsource(api)
-
-
 def wait_until(what: str, check, timeout: float, every: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:
@@ -213,10 +205,7 @@ def test_a_committed_run_id_is_refused(setup, medray_home):
     proc = run_cli(*_score(setup, setup["tiny"], run_id), check=False)
     assert f"run {run_id!r} is already committed" in proc.stderr, proc.stderr[-2000:]
     assert _read_json(fs, f"{base}/runs/{run_id}/_COMMITTED.json") == before
-    if not precheck_wired():
-        assert proc.returncode == 1  # refused on the cluster: a failed job
-        pytest.xfail("jobs/api.py does not call scoring.precheck yet: refused in the job (exit 1)")
-    assert proc.returncode == 2
+    assert proc.returncode == 2  # refused before submission
 
 
 def test_precheck_refuses_a_resume_with_other_options_and_gpus_the_cluster_lacks(
@@ -248,13 +237,7 @@ def test_precheck_refuses_a_resume_with_other_options_and_gpus_the_cluster_lacks
     with pytest.raises(InputError, match=f"scores model version 1, not {other}"):
         scoring.precheck(spec(model=f"tiny:{other}"), lake)
     scoring.precheck(spec(gpus_per_actor=1, allow_cpu=True), lake)  # no cluster question
-    # GPUs the cluster lacks: refused by the CLI before anything is submitted (a fresh process,
-    # so Ray reads this cluster's auth token when it is first imported)
-    proc = run_cli(*_score(setup, setup["tiny"], f"gpu-{run_id}", "--gpus-per-actor", "1"),
-                   check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--allow-cpu" in proc.stderr and "has 0 GPU(s)" in proc.stderr
-    assert not _lake(setup["lake"]).exists(f"runs/gpu-{run_id}/run.json")
+    # GPUs the cluster lacks: test_gpus_on_a_cluster_without_gpus_fail_with_a_clear_message
 
 
 # ------------------------------------------------------------------ (b) only new, on S3
@@ -337,14 +320,13 @@ def test_a_corrupted_row_lands_in_errors_and_retry_failed_rescores_it(setup, med
 
 # ------------------------------------------------------------------ (d) GPUs
 def test_gpus_on_a_cluster_without_gpus_fail_with_a_clear_message(setup):
-    proc = run_cli(*_score(setup, setup["tiny"], f"gpu-{uuid.uuid4().hex[:6]}",
-                           "--gpus-per-actor", "1"), check=False)
+    run_id = f"gpu-{uuid.uuid4().hex[:6]}"
+    proc = run_cli(*_score(setup, setup["tiny"], run_id, "--gpus-per-actor", "1"), check=False)
     assert proc.returncode != 0
     assert "--gpus-per-actor 1 but the cluster has 0 GPU(s)" in proc.stderr, proc.stderr[-2000:]
     assert "--allow-cpu" in proc.stderr
-    if not precheck_wired():
-        pytest.xfail("jobs/api.py does not call scoring.precheck yet: failed in the job (exit 1)")
-    assert proc.returncode == 2
+    assert proc.returncode == 2  # refused before submission: the run was never started
+    assert not _lake(setup["lake"]).exists(f"runs/{run_id}/run.json")
 
 
 def test_allow_cpu_scores_on_cpu_partitioned_by_date(setup, medray_home):

@@ -1,0 +1,114 @@
+"""Faults during a score job: a killed scorer actor, a killed job driver, the S3 server
+stopped for seconds. After each the run completes (on its own or when resumed with the same
+--run-id) and its committed predictions equal the clean run's: same images, once, same scores."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from medray.cluster import s3server
+from tests.faults import helpers as h
+
+pytestmark = [pytest.mark.integration]
+
+
+def _run_id(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:6]}"
+
+
+def _finish(scoring, run_id: str, job_id: str, allow_resume: bool) -> tuple[str, str | None]:
+    """Wait for the job; when it did not succeed and resuming is allowed, resubmit the same
+    run id. Returns (first job's status, the resume's stderr or None)."""
+    status = h.wait_job(scoring.home, job_id, timeout=300)
+    if status == "SUCCEEDED" or not allow_resume:
+        return status, None
+    proc = h.cli(None, *scoring.score_args(run_id), timeout=600)
+    return status, proc.stderr
+
+
+def _check_committed_after(scoring, run_id: str, fault_at: datetime) -> dict:
+    marker, preds = h.committed(scoring.fs, scoring.pipe.lake, run_id)
+    assert datetime.fromisoformat(marker["committed_at"]) > fault_at, \
+        "the run was committed before the fault: it proves nothing"
+    h.assert_same_predictions(preds, scoring.ref)
+    assert marker["images"] == preds.num_rows and marker["errors"] == 0
+    assert set(preds.column("run_id").to_pylist()) == {run_id}
+    return marker
+
+
+def test_scorer_actor_killed_mid_batch(scoring):
+    run_id = _run_id("actorkill")
+    job_id = scoring.start(run_id)
+    scoring.first_shard_written(run_id)
+    actors = h.wait_for("a ScorerActor process", lambda: h.find(scoring.temp_dir, "ScorerActor"),
+                        60, every=0.1)
+    fault_at = datetime.now(UTC)
+    assert h.sigkill(actors), "no scorer actor was killed"
+    assert not scoring.is_committed(run_id)
+    status, resumed = _finish(scoring, run_id, job_id, allow_resume=True)
+    _check_committed_after(scoring, run_id, fault_at)
+    # Ray Data restarts the actor and retries its batch: the job should not even need a resume
+    assert status == "SUCCEEDED", f"the job {status} after its scorer actor died (resume: " \
+        f"{'ok' if resumed is not None else 'not needed'})"
+
+
+def test_job_driver_killed_then_resumed_with_same_run_id(scoring):
+    run_id = _run_id("driverkill")
+    job_id = scoring.start(run_id)
+    scoring.first_shard_written(run_id)
+    drivers = [p for p, spec in h.job_drivers(scoring.temp_dir, "score")
+               if spec.get("run_id") == run_id]
+    assert len(drivers) == 1, f"expected one driver process of {run_id}, found {len(drivers)}"
+    fault_at = datetime.now(UTC)
+    assert h.sigkill(drivers)
+    assert not scoring.is_committed(run_id)
+    status = h.wait_job(scoring.home, job_id, timeout=120)
+    assert status in ("FAILED", "STOPPED"), status
+    written = len(h.lake_files(scoring.fs, f"{h.lake_base(scoring.pipe.lake)}/runs/{run_id}/"
+                                           "predictions"))
+    assert written >= 1
+    proc = h.cli(None, *scoring.score_args(run_id), timeout=600)
+    assert f"resuming run {run_id}" in proc.stderr
+    # the resume scores only what the killed driver had not written
+    assert f"{written} already written" in proc.stderr or "already written" in proc.stderr
+    _check_committed_after(scoring, run_id, fault_at)
+
+
+@pytest.mark.slow
+def test_s3_server_stopped_for_seconds_mid_job(scoring):
+    run_id = _run_id("s3pause")
+    job_id = scoring.start(run_id)
+    scoring.first_shard_written(run_id)
+    fault_at = datetime.now(UTC)
+    s3server.pause_for(8)  # SIGSTOP the whole SeaweedFS process group, then SIGCONT
+    status, _ = _finish(scoring, run_id, job_id, allow_resume=False)
+    assert status == "SUCCEEDED", f"the job {status} after an 8 s storage outage"
+    _check_committed_after(scoring, run_id, fault_at)
+
+
+@pytest.mark.slow
+def test_two_runs_over_one_dataset_at_once_both_commit(scoring):
+    runs = [_run_id("twin-a"), _run_id("twin-b")]
+    jobs = [scoring.start(r) for r in runs]
+    for run_id, job_id in zip(runs, jobs, strict=True):
+        assert h.wait_job(scoring.home, job_id, timeout=400) == "SUCCEEDED"
+    for run_id in runs:
+        marker, preds = h.committed(scoring.fs, scoring.pipe.lake, run_id)
+        h.assert_same_predictions(preds, scoring.ref)
+        assert all(f.startswith("predictions/") for f in marker["files"])
+
+
+def test_committed_run_id_is_refused_with_exit_2(scoring):
+    marker_path = f"{h.lake_base(scoring.pipe.lake)}/runs/{scoring.ref_run}/_COMMITTED.json"
+    before = h.read_object(scoring.fs, marker_path)
+    proc = h.cli(None, *scoring.score_args(scoring.ref_run), check=False, timeout=300)
+    after = h.read_object(scoring.fs, marker_path)
+    assert before == after, "a refused run must not touch the committed one"
+    assert "already committed" in proc.stderr and scoring.ref_run in proc.stderr, \
+        proc.stderr[-2000:]
+    assert proc.returncode == 2, (
+        f"exit {proc.returncode}: the committed run id should be refused before submission "
+        f"(exit 2), stderr: {proc.stderr[-500:]}")
