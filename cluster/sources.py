@@ -64,7 +64,9 @@ SKIP_NAMES = frozenset({"dicomdir", "readme", "license", "licence", "notice", "c
                         "thumbs.db", "desktop.ini"})
 CSV_DEFAULT_PATIENT_COLUMN = "Patient ID"
 NPZ_CHUNK = 512
-BLOCK_BYTES = 32 * 1024 * 1024
+BLOCK_BYTES = 16 * 1024 * 1024
+# object store budget of a staging job's pipeline: a few blocks per decoder in flight
+STAGE_STORE_BYTES = 256 * 1024 * 1024
 LIST_THREADS = 8
 READ_THREADS = 8
 _BASE_FILE_BYTES = 16 * 1024 * 1024

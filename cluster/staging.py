@@ -279,6 +279,11 @@ def _decoded_batches(listing: sources.Listing, options: dict[str, Any], batch: i
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # first copy of a duplicate wins, every time
+    # Decoded blocks wait in the object store until the shard writer takes them. A fixed budget
+    # (Ray Data's default is a share of the node's store, which a big collection fills) keeps
+    # the memory of staging flat however large the collection is.
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=sources.STAGE_STORE_BYTES)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if listing.format == "npz":
         ds = ray.data.from_arrow(listing.items).map_batches(
