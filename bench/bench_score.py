@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import proc_table, smaps_kb, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -92,31 +92,6 @@ def write_pngs(images: np.ndarray, folder: Path) -> list[Path]:
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_table() -> dict[int, tuple[int, str, int]]:
-    """pid -> (parent pid, command line, CPU ticks used so far)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            rest = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-            out[int(entry)] = (int(rest[1]), cmd, int(rest[11]) + int(rest[12]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
-
-
-def _kb(pid: int, field: str) -> int:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) if match else 0
-
-
 class ProcSampler(threading.Thread):
     """For one cluster (found by its temp dir), the processes the benchmark started and all
     their descendants: peak RSS of the job driver, peak PSS of them all, and the CPU seconds
@@ -135,7 +110,7 @@ class ProcSampler(threading.Thread):
         self.first = True
 
     def sample(self) -> None:
-        table = _proc_table()
+        table = proc_table()
         roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
         roots |= {p for p in self.extra if p in table}
         children: dict[int, list[int]] = {}
@@ -149,9 +124,9 @@ class ProcSampler(threading.Thread):
                 stack.extend(children.get(pid, []))
         driver = total = 0
         for pid in family:
-            total += _kb(pid, "Pss")
+            total += smaps_kb(pid, "Pss")
             if "medray.jobs.entry" in table[pid][1]:
-                driver += _kb(pid, "Rss")
+                driver += smaps_kb(pid, "Rss")
             ticks = table[pid][2]
             # processes already there when sampling began count from then, new ones from 0
             self.base.setdefault(pid, ticks if self.first else 0)
@@ -339,15 +314,6 @@ def fit(small: dict[str, Any], large: dict[str, Any], key: str = "wall_s"
     return small[key] - small["images"] * per, per
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or add) the '## Scoring' section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Scoring\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + text)
-    path.write_text(new)
-
-
 def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: str) -> str:
     s, big = r["b"]
     cs, cl = r["c"]
@@ -522,7 +488,7 @@ def main() -> None:
     text = report(args, results, load, cmd)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("Scoring", text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import proc_table, smaps_kb, write_section
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,39 +95,6 @@ def pillow_loop(paths: list[Path]) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------- memory sampling
-def _proc_table() -> dict[int, tuple[int, str]]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
-        out[int(entry)] = (ppid, cmd)
-    return out
-
-
-def _cpu_ticks(pid: int) -> int | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    match = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) if match else 0
-
-
 class MemorySampler(threading.Thread):
     """Peak PSS of this cluster's processes (found by its temp dir) and their children."""
 
@@ -150,10 +117,10 @@ class MemorySampler(threading.Thread):
     def run(self) -> None:
         first = True
         while not self.stop_flag.is_set():
-            table = _proc_table()
-            roots = {pid for pid, (_, cmd) in table.items() if self.temp_dir in cmd}
+            table = proc_table()
+            roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
             children: dict[int, list[int]] = {}
-            for pid, (ppid, _) in table.items():
+            for pid, (ppid, _, _) in table.items():
                 children.setdefault(ppid, []).append(pid)
             family, stack = set(), list(roots)
             while stack:
@@ -163,12 +130,11 @@ class MemorySampler(threading.Thread):
                     stack.extend(children.get(pid, []))
             driver = decoders = total = 0
             for pid in family:
-                ticks = _cpu_ticks(pid)
-                if ticks is not None:
-                    # a process born after the first sample used all its CPU during the run
-                    self.cpu_first.setdefault(pid, ticks if first else 0)
-                    self.cpu_last[pid] = ticks
-                pss = _pss_kb(pid)
+                ticks = table[pid][2]
+                # a process born after the first sample used all its CPU during the run
+                self.cpu_first.setdefault(pid, ticks if first else 0)
+                self.cpu_last[pid] = ticks
+                pss = smaps_kb(pid, "Pss")
                 total += pss
                 cmd = table[pid][1]
                 if "medray.jobs.entry" in cmd:
@@ -210,15 +176,6 @@ def stage(folder: Path, name: str, lake: Path, env: dict[str, str], temp_dir: st
                             for r in ("driver", "decoders", "other")},
             "driver_mb": sampler.peak_driver / 1024, "decoders_mb": sampler.peak_decoders / 1024,
             "cluster_mb": sampler.peak_total / 1024}
-
-
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or add) the '## Staging' section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Staging\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + text)
-    path.write_text(new)
 
 
 def main() -> None:
@@ -325,7 +282,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("Staging", text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -99,15 +99,6 @@ def subset_npz(path: Path, per_split: dict[str, int], seed: int = 0) -> Path:
 
 def epochs_of(c: dict[str, Any]) -> list[dict[str, Any]]:
     return list(c["metrics"]["history"])
-
-
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or add) the '## Training' section; other sections stay as they are."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Training\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
-        old.rstrip("\n") + "\n\n" + text)
-    path.write_text(new)
 
 
 def part_default(env: dict[str, str], lake: Path, out: dict[str, Any]) -> None:
@@ -216,7 +207,7 @@ def main() -> None:
     text = report(args, parts, out, failed, load)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("Training", text)
 
 
 def report(args: argparse.Namespace, parts: list[str], out: dict[str, Any],

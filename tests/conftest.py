@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -129,4 +132,28 @@ def small_npz(path: Path, per_split: dict[str, int], seed: int = 0) -> Path:
         out[f"{split}_images"] = d[f"{split}_images"][idx]
         out[f"{split}_labels"] = d[f"{split}_labels"][idx]
     np.savez(path, **out)
+    return path
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float, every: float = 0.25):
+    """Poll ``check`` until it returns something truthy (returned); AssertionError after
+    ``timeout`` seconds, naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def bomb_png(path: Path, side: int = 40_000) -> Path:
+    """A PNG whose header (valid CRC) claims side x side pixels, with almost no data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body +
+                struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
+                     chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
     return path

@@ -17,7 +17,6 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tests.conftest import MEDRAY, run_cli, small_npz
+from tests.conftest import MEDRAY, run_cli, small_npz, wait_for
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -40,18 +39,6 @@ SHARD_MB = "0.05"
 
 
 # ----------------------------------------------------------------------------- waiting
-def wait_for(what: str, check: Callable[[], T | None], timeout: float, every: float = 0.25) -> T:
-    """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-
-
 # ----------------------------------------------------------------------------- CLI
 class CommandFailed(Exception):
     """A medray command that had to succeed exited non-zero. Not an AssertionError, so a test

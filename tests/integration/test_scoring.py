@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from datetime import date
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MEDRAY, cli_json, run_cli, small_npz
+from tests.conftest import MEDRAY, cli_json, run_cli, small_npz, wait_for
 
 pytestmark = [pytest.mark.integration]
 LABELS = ["normal", "pneumonia"]
@@ -107,17 +106,6 @@ def dataset_ids(lake_uri: str, dataset: str, version: int) -> set[str]:
             for i in lake.read_parquet(s["path"], columns=["image_id"]).column(0).to_pylist()}
 
 
-def wait_until(what: str, check, timeout: float, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-
-
 # ------------------------------------------------------------------ one dataset, two models
 @pytest.fixture(scope="module")
 def setup(ray_cluster, tmp_path_factory) -> dict:
@@ -157,9 +145,9 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_rows(setup, medray_home
                 "the run committed before it could be stopped: the model is too fast"
             return prediction_files(lake, part, medray_home)
 
-        wait_until(f"a first prediction file of {part}", first_file, 240)
+        wait_for(f"a first prediction file of {part}", first_file, 240)
         run_cli("jobs", "stop", job)
-        status = wait_until("the stopped job to end", lambda: (s := run_cli(
+        status = wait_for("the stopped job to end", lambda: (s := run_cli(
             "jobs", "status", job).stdout.strip()) in ("STOPPED", "FAILED", "SUCCEEDED") and s,
             120, every=0.5)
         out, err = reference.communicate(timeout=600)

@@ -8,8 +8,6 @@ import hashlib
 import io
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from tests.conftest import cli_json, run_cli, small_npz
+from tests.conftest import bomb_png, cli_json, run_cli, small_npz
 
 pytestmark = [pytest.mark.integration]
 
@@ -88,16 +86,6 @@ def _noise_png(path: Path, seed: int, size: int = 32, mode: str = "L") -> Path:
     return path
 
 
-def _bomb_png(path: Path, side: int = 40_000) -> None:
-    """A PNG whose header (valid CRC) claims side x side pixels, with almost no data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body +
-                struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
-                     chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
-
-
 def _bad_corpus(folder: Path) -> dict[str, str]:
     """Broken inputs of every kind, inside a label folder; name -> expected error type."""
     bad = folder / "broken"
@@ -107,7 +95,7 @@ def _bad_corpus(folder: Path) -> dict[str, str]:
     (bad / "whole.png").unlink()
     (bad / "truncated.png").write_bytes(whole[: len(whole) // 3])
     (bad / "notes.jpg").write_text("not an image, only text with a .jpg name\n" * 20)
-    _bomb_png(bad / "bomb.png")  # claims 40000 x 40000 pixels
+    bomb_png(bad / "bomb.png")  # claims 40000 x 40000 pixels
     (bad / "volume.nii").write_bytes(b"\x5c\x01\x00\x00" + b"\x00" * 400)
     return {"zero.png": "empty", "truncated.png": "truncated", "notes.jpg": "not_an_image",
             "bomb.png": "too_large", "volume.nii": "unsupported"}

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from medray.cluster.lake import Lake
 from medray.cluster.staging import ShardWriter
 from medray.workers.errors import ConfigError
 from medray.workers.shards import SHARD_SCHEMA, split_for
+from tests.conftest import bomb_png
 
 
 def _png(path: Path, value: int = 0, size: int = 16, mode: str = "L") -> Path:
@@ -30,17 +29,6 @@ def _png(path: Path, value: int = 0, size: int = 16, mode: str = "L") -> Path:
     rng = np.random.default_rng(value)
     shape = (size, size) if mode == "L" else (size, size, 3)
     Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
-    return path
-
-
-def _bomb_png(path: Path, side: int = 40_000) -> Path:
-    """A PNG whose header claims side x side pixels, with almost no data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body +
-                struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) +
-                     chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
     return path
 
 
@@ -333,7 +321,7 @@ def test_bad_inputs_become_error_rows(tmp_path):
     full = _png(tmp_path / "l" / "big.png", 7, size=64).read_bytes()
     (tmp_path / "l" / "truncated.png").write_bytes(full[: len(full) // 2])
     (tmp_path / "l" / "text.jpg").write_text("this is not an image at all")
-    _bomb_png(tmp_path / "l" / "bomb.png")
+    bomb_png(tmp_path / "l" / "bomb.png")
     rtdose = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # 15 frames
     (tmp_path / "l" / "cine.dcm").write_bytes(rtdose)
     _, items, _ = sources.folder_items(str(tmp_path))
@@ -468,10 +456,14 @@ def test_shard_writer_merges_a_small_tail(tmp_path):
 
 
 def test_items_per_block_balances_size_and_workers():
-    # 20000 gray 128 px images on 2 workers: 16 blocks, not 625 tiny ones
-    assert sources.items_per_block(20_000, 32, 2, 128 * 128 + 512) == 1250
+    row = 128 * 128 + 512  # a gray 128 px image
+    # 2000 images on 2 workers: 16 blocks (8 per worker), not 63 tiny ones of a batch each
+    assert sources.items_per_block(2_000, 32, 2, row) == 125
+    # 20000 images: blocks of about BLOCK_BYTES of output, so memory does not grow with them
+    assert sources.items_per_block(20_000, 32, 2, row) == sources.BLOCK_BYTES // row
+    assert sources.items_per_block(200_000, 32, 2, row) == sources.BLOCK_BYTES // row
     # large rows (kept originals): about BLOCK_BYTES of output per block, never under a batch
-    assert sources.items_per_block(20_000, 32, 2, 1e6) == 33
+    assert sources.items_per_block(20_000, 8, 2, 1e6) == sources.BLOCK_BYTES // 1e6
     assert sources.items_per_block(20_000, 64, 2, 1e7) == 64
     assert sources.items_per_block(10, 32, 2, 100) == 32  # a tiny job: one block
 

@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: a /proc process table, memory fields of a process, and
+rewriting one section of BENCHMARKS.md. Linux only (reads /proc)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proc_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, command line, CPU ticks used so far: utime + stime)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            rest = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            out[int(entry)] = (int(rest[1]), cmd, int(rest[11]) + int(rest[12]))
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+    return out
+
+
+def smaps_kb(pid: int, field: str) -> int:
+    """A field of /proc/PID/smaps_rollup ("Pss", "Rss") in kB; 0 once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def write_section(title: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Replace (or add) the section '## TITLE' of BENCHMARKS.md; other sections stay."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
+        old.rstrip("\n") + "\n\n" + text)
+    path.write_text(new)
