@@ -59,7 +59,7 @@ def job_usage(wall_s: float) -> dict[str, Any]:
     """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure)."""
     try:
         import ray
-        from ray.util.state import list_tasks
+        from ray.util.state import list_actors, list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
         # Workers report task events about once a second: list again while the last calls of
@@ -74,6 +74,9 @@ def job_usage(wall_s: float) -> dict[str, Any]:
             if attempt == 3 or _settled(tasks):
                 break
             time.sleep(1.0)
+        # Where each actor runs comes from the GCS actor table, which has no reporting lag.
+        actors = list_actors(filters=[("job_id", "=", job_hex)], detail=True, limit=10_000,
+                             raise_on_missing_output=False)
         node_type = _node_types()
     except Exception as exc:  # noqa: BLE001 - accounting must never fail a job
         log.warning("could not read resource usage: %s", exc)
@@ -105,14 +108,18 @@ def job_usage(wall_s: float) -> dict[str, Any]:
             bucket = per_type[node_type.get(t.node_id, "unknown")]
             bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
             bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+    for a in actors:
+        if a.node_id:
+            actor_node[a.actor_id] = a.node_id
+        actor_class.setdefault(a.actor_id, str(a.repr_name or a.class_name))
     placement: dict[str, set[str]] = defaultdict(set)
+    for actor_id, node in actor_node.items():
+        placement[actor_class.get(actor_id, "?")].add(node)
     for actor_id, (start, end) in actor_span.items():
         res = actor_res.get(actor_id, {})
         bucket = per_type[node_type.get(actor_node.get(actor_id, ""), "unknown")]
         bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
         bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
-        if actor_id in actor_node:
-            placement[actor_class[actor_id]].add(actor_node[actor_id])
     return {
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
@@ -136,7 +143,9 @@ def cost(
         price = prices.get(ntype) or prices.get("default") or {}
         total += used["cpu_seconds"] / 3600 * price.get("cpu_hour", 0.0)
         total += used["gpu_seconds"] / 3600 * price.get("gpu_hour", 0.0)
-    out: dict[str, Any] = {"total": round(total, 6), "currency": "USD"}
+    # nine decimals: a small job's total is a fraction of a cent, and sums of totals (a run
+    # scored by several jobs) must not drift from the per-1,000 figure of each job
+    out: dict[str, Any] = {"total": round(total, 9), "currency": "USD"}
     if images:
         out["per_1000_images"] = round(total / images * 1000, 6)
     return out

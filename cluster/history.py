@@ -113,7 +113,7 @@ def run_cost(lake: Lake, run_id: str, images: int | None) -> dict[str, Any]:
     }
     priced = [d["cost"] for d in docs if d.get("cost")]
     if docs and len(priced) == len(docs):  # a partly priced run would under-report
-        out["cost_total"] = round(sum(c["total"] for c in priced), 6)
+        out["cost_total"] = round(sum(c["total"] for c in priced), 9)
         out["currency"] = priced[0].get("currency")
         if images:
             out["cost_per_1000_images"] = round(out["cost_total"] / images * 1000, 6)
