@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import proc_table, smaps_kb, write_section
+from benchlib import family, proc_table, smaps_kb, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -113,17 +113,8 @@ class ProcSampler(threading.Thread):
         table = proc_table()
         roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
         roots |= {p for p in self.extra if p in table}
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        family, stack = set(), list(roots)
-        while stack:
-            pid = stack.pop()
-            if pid not in family:
-                family.add(pid)
-                stack.extend(children.get(pid, []))
         driver = total = 0
-        for pid in family:
+        for pid in family(table, roots):
             total += smaps_kb(pid, "Pss")
             if "medray.jobs.entry" in table[pid][1]:
                 driver += smaps_kb(pid, "Rss")

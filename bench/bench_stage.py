@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import proc_table, smaps_kb, write_section
+from benchlib import family, proc_table, smaps_kb, write_section
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,17 +119,8 @@ class MemorySampler(threading.Thread):
         while not self.stop_flag.is_set():
             table = proc_table()
             roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
-            children: dict[int, list[int]] = {}
-            for pid, (ppid, _, _) in table.items():
-                children.setdefault(ppid, []).append(pid)
-            family, stack = set(), list(roots)
-            while stack:
-                pid = stack.pop()
-                if pid not in family:
-                    family.add(pid)
-                    stack.extend(children.get(pid, []))
             driver = decoders = total = 0
-            for pid in family:
+            for pid in family(table, roots):
                 ticks = table[pid][2]
                 # a process born after the first sample used all its CPU during the run
                 self.cpu_first.setdefault(pid, ticks if first else 0)

@@ -26,6 +26,20 @@ def proc_table() -> dict[int, tuple[int, str, int]]:
     return out
 
 
+def family(table: dict[int, tuple[int, str, int]], roots: set[int]) -> set[int]:
+    """The processes in ``roots`` and all their descendants, from a :func:`proc_table`."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
 def smaps_kb(pid: int, field: str) -> int:
     """A field of /proc/PID/smaps_rollup ("Pss", "Rss") in kB; 0 once the process is gone."""
     try:
