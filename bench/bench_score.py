@@ -402,8 +402,9 @@ def main() -> None:
     same = {"MEDRAY_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_worker_niceness": "0"}
     env.update({**same, "AWS_EC2_METADATA_DISABLED": "true"})
     os.environ.update(same)
-    from medray.cluster import ray_local, registry
-    from medray.cluster.lake import Lake
+    from medray.cluster.infra import ray_local
+    from medray.cluster.store import registry
+    from medray.cluster.store.lake import Lake
     from medray.workers.models import ModelCard, build_model
 
     lake = work / "lake"

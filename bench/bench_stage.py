@@ -189,7 +189,7 @@ def main() -> None:
     # Ray starts workers at nice 15 by default; the Pillow loop runs at 0. On a machine shared
     # with other work that alone would starve the decoders, so both run at 0 here.
     os.environ.update({"MEDRAY_HOME": str(home), "RAY_worker_niceness": str(args.niceness)})
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     rows, load = [], []
     try:

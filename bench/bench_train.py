@@ -175,7 +175,7 @@ def main() -> None:
     env.update({"MEDRAY_HOME": str(home), "AWS_EC2_METADATA_DISABLED": "true",
                 "TF_CPP_MIN_LOG_LEVEL": "2"})
     os.environ.update({"MEDRAY_HOME": str(home)})
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     out: dict[str, Any] = {}
     failed: dict[str, str] = {}

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from medray.workers.jsonsafe import json_safe
+
 app = typer.Typer(
     help="Distributed batch scoring and retraining for medical images on Ray.",
     no_args_is_help=True,
@@ -45,23 +47,13 @@ JSON = typer.Option(False, "--json", help="Print one JSON object as the last std
 WAIT = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends.")
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def _emit(obj: Any, as_json: bool, human: str | None = None) -> None:
     if as_json:
-        typer.echo(json.dumps(_jsonable(obj), default=str))
+        typer.echo(json.dumps(json_safe(obj), default=str))
     elif human is not None:
         typer.echo(human)
     else:
-        typer.echo(json.dumps(_jsonable(obj), indent=2, default=str))
+        typer.echo(json.dumps(json_safe(obj), indent=2, default=str))
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -85,26 +77,24 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _run(fn: Any) -> Any:
-    """Map medray errors to exit codes: 2 bad usage/config/input, 1 job or infra failure."""
-    from medray.workers.errors import InputError, MedrayError
+    """Run an SDK call; a medray error becomes its message and the exit code its class
+    carries (2 bad usage, config or input; 1 a failed job or infrastructure)."""
+    from medray.workers.errors import MedrayError
 
     try:
         return fn()
-    except InputError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from None
     except MedrayError as exc:
         typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _submit(
     kind: str, values: dict[str, Any], address: str | None, wait: bool, as_json: bool
 ) -> dict[str, Any]:
-    from medray.jobs import api
+    from medray.jobs import sdk
 
     result: dict[str, Any] = _run(
-        lambda: api.submit(kind, values, address=address, wait=wait, on_log=api.stderr_log)
+        lambda: sdk.submit(kind, values, address=address, wait=wait, on_log=sdk.stderr_log)
     )
     return result
 
@@ -127,7 +117,7 @@ def cluster_up(
         import subprocess
 
         raise typer.Exit(subprocess.call([_ray_cli(), "up", "-y", str(config)]))  # noqa: S603
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     info = _run(lambda: ray_local.up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus))
     _emit(
@@ -145,7 +135,7 @@ def _ray_cli() -> str:
 @cluster_app.command("down")
 def cluster_down() -> None:
     """Stop the local Ray cluster started by `medray cluster up`."""
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     typer.echo("Ray cluster stopped" if ray_local.down() else "no local Ray cluster was running")
 
@@ -153,7 +143,7 @@ def cluster_down() -> None:
 @cluster_app.command("status")
 def cluster_status(as_json: bool = JSON) -> None:
     """Nodes, CPUs and GPUs of the local cluster."""
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     info = ray_local.status()
     human = (
@@ -170,7 +160,7 @@ def cluster_status(as_json: bool = JSON) -> None:
 @lake_app.command("up")
 def lake_up(as_json: bool = JSON) -> None:
     """Start the embedded SeaweedFS S3 lake on 127.0.0.1 with generated credentials."""
-    from medray.cluster import s3server
+    from medray.cluster.infra import s3server
 
     info = _run(s3server.up)
     public = {k: v for k, v in info.items() if k in ("endpoint", "bucket", "uri", "running")}
@@ -185,7 +175,7 @@ def lake_up(as_json: bool = JSON) -> None:
 @lake_app.command("down")
 def lake_down() -> None:
     """Stop the embedded S3 lake (its data stays under MEDRAY_HOME)."""
-    from medray.cluster import s3server
+    from medray.cluster.infra import s3server
 
     typer.echo("S3 lake stopped" if s3server.down() else "no embedded S3 lake was running")
 
@@ -193,7 +183,7 @@ def lake_down() -> None:
 @lake_app.command("status")
 def lake_status(as_json: bool = JSON) -> None:
     """Whether the embedded S3 lake runs, and its endpoint."""
-    from medray.cluster import s3server
+    from medray.cluster.infra import s3server
 
     info = s3server.status()
     public = {k: v for k, v in info.items() if k in ("endpoint", "bucket", "uri", "running")}
@@ -470,9 +460,9 @@ def predict(
     as_json: bool = JSON,
 ) -> None:
     """Quick local look: `label (score = 0.91144)` lines, highest first."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    results = _run(lambda: local.predict([str(p) for p in images], model, lake))
+    results = _run(lambda: sdk.predict([str(p) for p in images], model, lake))
     if as_json:
         _emit(results, True)
         return
@@ -498,9 +488,9 @@ def jobs_list(
     as_json: bool = JSON,
 ) -> None:
     """Jobs from the lake's history, with the live cluster's status where it knows them."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    rows = _run(lambda: local.jobs_list(
+    rows = _run(lambda: sdk.jobs_list(
         lake, address, kind=kind, status=status, dataset=dataset, model=model, run_id=run_id,
         since=since, until=until))
     _emit(rows, as_json, _table(
@@ -511,7 +501,7 @@ def jobs_list(
 @jobs_app.command("status")
 def jobs_status(job_id: str, address: str = ADDRESS) -> None:
     """The status of one job."""
-    from medray.cluster import jobs_client
+    from medray.cluster.infra import jobs_client
 
     typer.echo(_run(lambda: jobs_client.status(job_id, address)))
 
@@ -521,7 +511,7 @@ def jobs_logs(
     job_id: str, follow: bool = typer.Option(False, "--follow", "-f"), address: str = ADDRESS
 ) -> None:
     """The logs of one job."""
-    from medray.cluster import jobs_client
+    from medray.cluster.infra import jobs_client
 
     if follow:
         _run(lambda: jobs_client.wait(job_id, address, on_log=lambda t: typer.echo(t, nl=False)))
@@ -532,7 +522,7 @@ def jobs_logs(
 @jobs_app.command("stop")
 def jobs_stop(job_id: str, address: str = ADDRESS) -> None:
     """Stop a running job (a stopped score run resumes with the same --run-id)."""
-    from medray.cluster import jobs_client
+    from medray.cluster.infra import jobs_client
 
     typer.echo("stopping" if _run(lambda: jobs_client.stop(job_id, address)) else "not running")
 
@@ -540,17 +530,17 @@ def jobs_stop(job_id: str, address: str = ADDRESS) -> None:
 @jobs_app.command("show")
 def jobs_show(job_id: str, lake: str = LAKE, as_json: bool = JSON) -> None:
     """One job's record from the lake's history."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    _emit(_run(lambda: local.job_record(job_id, lake)), as_json)
+    _emit(_run(lambda: sdk.job_record(job_id, lake)), as_json)
 
 
 @datasets_app.command("list")
 def datasets_list(lake: str = LAKE, as_json: bool = JSON) -> None:
     """Committed dataset versions."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    rows = _run(lambda: local.datasets_list(lake))
+    rows = _run(lambda: sdk.datasets_list(lake))
     _emit(
         rows,
         as_json,
@@ -565,9 +555,9 @@ def datasets_show(
     as_json: bool = JSON,
 ) -> None:
     """A dataset version's manifest: counts by label and split."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    manifest = _run(lambda: local.dataset_show(ref, lake))
+    manifest = _run(lambda: sdk.dataset_show(ref, lake))
     if as_json:
         _emit(manifest, True)
         return
@@ -585,9 +575,9 @@ def datasets_show(
 @models_app.command("list")
 def models_list(lake: str = LAKE, as_json: bool = JSON) -> None:
     """Registered model versions."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    rows = _run(lambda: local.models_list(lake))
+    rows = _run(lambda: sdk.models_list(lake))
     _emit(
         rows,
         as_json,
@@ -600,9 +590,9 @@ def models_show(
     ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS"), lake: str = LAKE
 ) -> None:
     """A model version's card."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    typer.echo(_run(lambda: local.model_show(ref, lake)))
+    typer.echo(_run(lambda: sdk.model_show(ref, lake)))
 
 
 @models_app.command("register")
@@ -615,10 +605,10 @@ def models_register(
     as_json: bool = JSON,
 ) -> None:
     """Bring your own Keras model: register a .keras file as a new version."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
     card = _run(
-        lambda: local.models_register(str(path), name, labels.split(","), multi_label, lake)
+        lambda: sdk.models_register(str(path), name, labels.split(","), multi_label, lake)
     )
     _emit(card, as_json, f"registered {card['name']}:{card['version']}")
 
@@ -630,9 +620,9 @@ def models_promote(
     lake: str = LAKE,
 ) -> None:
     """Point an alias (default prod) at a version: NAME@prod then resolves to it."""
-    from medray.jobs import local
+    from medray.jobs import sdk
 
-    aliases = _run(lambda: local.models_promote(ref, alias, lake))
+    aliases = _run(lambda: sdk.models_promote(ref, alias, lake))
     typer.echo(f"aliases: {aliases}")
 
 

@@ -34,7 +34,7 @@ def medray(*args: str, capture_json: bool = False) -> dict | None:
 def main() -> int:
     if not DATA.exists():
         raise SystemExit(f"demo data not found: {DATA}")
-    from medray.cluster import ray_local, s3server
+    from medray.cluster.infra import env, ray_local, s3server
 
     started_lake = not s3server.status().get("running")
     started_cluster = not ray_local.status().get("running")
@@ -42,7 +42,7 @@ def main() -> int:
     try:
         medray("lake", "up")
         medray("cluster", "up")
-        os.environ.pop("MEDRAY_LAKE", None)  # the embedded S3 lake is the default lake
+        os.environ.pop(env.LAKE, None)  # the embedded S3 lake is the default lake
         staged = medray(
             "stage",
             str(DATA),

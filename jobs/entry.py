@@ -1,124 +1,97 @@
 """The process Ray runs for every medray job: ``python -m medray.jobs.entry KIND --spec B64``.
 
-It decodes the spec, connects to the cluster, runs the job body from ``medray.cluster`` and
-prints one ``MEDRAY_RESULT {json}`` line that the CLI reads back. Failures print
-``MEDRAY_ERROR message`` and exit 1 (2 for bad input found only on the cluster).
+It decodes and re-validates the spec, connects to the cluster, runs the job's ``run(spec, lake,
+ctx)`` from its package under ``medray.cluster`` and prints one result line that the CLI reads
+back (see ``medray.cluster.infra.wire``). A failure prints the error line and exits with the
+error's code (2 for bad input found only on the cluster, 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import json
 import logging
-import math
-import os
 import sys
 import time
 import traceback
 from typing import Any
 
-from medray.workers.errors import InputError, MedrayError
+from medray.cluster.infra import logs, wire
+from medray.cluster.infra.context import JobContext
+from medray.workers.errors import MedrayError
+from medray.workers.specs import SPECS, JobSpec, build_spec
 
-RUNNERS = {
-    "stage": "medray.cluster.staging",
-    "train": "medray.cluster.training",
-    "score": "medray.cluster.scoring",
-    "report": "medray.cluster.reporting",
-}
+log = logging.getLogger(__name__)
 
 
-def _clean(obj: Any) -> Any:
-    """JSON without NaN (which is not JSON): NaN becomes null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
+def decode_spec(kind: str, payload: str) -> JobSpec:
+    values = json.loads(base64.urlsafe_b64decode(payload))
+    return build_spec(kind, values)  # re-validated on the cluster: the same rules as the CLI's
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medray.jobs.entry")
-    parser.add_argument("kind", choices=sorted(RUNNERS))
+    parser.add_argument("kind", choices=sorted(SPECS))
     parser.add_argument("--spec", required=True, help="base64 JSON of the validated spec")
     args = parser.parse_args(argv)
-    job_id = os.environ.get("MEDRAY_JOB_ID") or "local"
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s [job {job_id}] %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
-    for noisy in ("ray.data", "ray.train", "ray.tune", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    spec = json.loads(base64.urlsafe_b64decode(args.spec))
+    logs.configure()
+    ctx = JobContext.from_env(args.kind)
+    spec: JobSpec | None = None
     try:
-        import importlib
-
-        import ray
-
-        from medray.cluster.lake import Lake, default_lake_uri
-        from medray.jobs.specs import build_spec
-
-        build_spec(args.kind, {k: v for k, v in spec.items()})  # re-validate on the cluster
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS", "auto"),
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        lake = Lake(spec.get("lake") or default_lake_uri())
-        module = importlib.import_module(RUNNERS[args.kind])
-        from medray.cluster import history
-
-        history.record(lake, job_id, args.kind, spec, "RUNNING", {})
-        started = time.monotonic()
-        result = module.run(spec, lake, job_id)
-        from medray.cluster import costs
-
-        result["usage"] = costs.job_usage(time.monotonic() - started)
-        prices = json.loads(os.environ.get("MEDRAY_PRICES_JSON") or "null")
-        price = costs.cost(result["usage"], prices, result.get("images"))
-        if price:
-            result["cost"] = price
-        if args.kind == "score" and result.get("run_id"):
-            history.record_run_usage(lake, result["run_id"], job_id, result)
-        history.record(lake, job_id, args.kind, spec, "SUCCEEDED", result)
+        spec = decode_spec(args.kind, args.spec)
+        result = _run(spec, ctx)
     except MedrayError as exc:
-        _fail(job_id, args.kind, spec, exc.message, logging.getLogger("medray.jobs.entry"))
-        return 2 if isinstance(exc, InputError) else 1
+        _fail(ctx, spec, exc.message, exc.exit_code)
+        return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - reported to the CLI, then exit 1
         traceback.print_exc()
-        _fail(
-            job_id,
-            args.kind,
-            spec,
-            f"{type(exc).__name__}: {exc}",
-            logging.getLogger("medray.jobs.entry"),
-        )
+        _fail(ctx, spec, f"{type(exc).__name__}: {exc}", 1)
         return 1
-    print("MEDRAY_RESULT " + json.dumps(_clean(result), default=str), flush=True)  # noqa: T201
+    print(wire.result_line(result), flush=True)  # noqa: T201 - the wire to the CLI
     return 0
 
 
-def _fail(job_id: str, kind: str, spec: dict[str, Any], message: str, log: logging.Logger) -> None:
-    log.error("%s job failed: %s", kind, message)
-    print("MEDRAY_ERROR " + message.replace("\n", " "), flush=True)  # noqa: T201
-    try:
-        from medray.cluster import history
-        from medray.cluster.lake import Lake, default_lake_uri
+def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
+    import ray
 
-        history.record(
-            Lake(spec.get("lake") or default_lake_uri()),
-            job_id,
-            kind,
-            spec,
-            "FAILED",
-            {"error": message},
-        )
+    from medray.cluster.infra import costs, env
+    from medray.cluster.store import history, runs
+    from medray.cluster.store.lake import Lake, default_lake_uri
+
+    ray.init(address=env.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING,
+             log_to_driver=True)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False
+    data_ctx.print_on_execution_start = False
+    lake = Lake(spec.lake or default_lake_uri())
+    job = importlib.import_module(f"medray.cluster.{spec.kind}.job")
+    history.record(lake, ctx, spec, "RUNNING", {})
+    started = time.monotonic()
+    result: dict[str, Any] = job.run(spec, lake, ctx)
+    result["usage"] = costs.job_usage(time.monotonic() - started)
+    price = costs.cost(result["usage"], json.loads(env.get(env.PRICES_JSON) or "null"),
+                       result.get("images"))
+    if price:
+        result["cost"] = price
+    if spec.kind == "score" and result.get("run_id"):
+        runs.record_usage(lake, result["run_id"], ctx.job_id, result)
+    history.record(lake, ctx, spec, "SUCCEEDED", result)
+    return result
+
+
+def _fail(ctx: JobContext, spec: JobSpec | None, message: str, exit_code: int) -> None:
+    log.error("%s job failed: %s", ctx.kind, message)
+    print(wire.error_line(message, exit_code), flush=True)  # noqa: T201 - the wire to the CLI
+    if spec is None:
+        return
+    try:
+        from medray.cluster.store import history
+        from medray.cluster.store.lake import Lake, default_lake_uri
+
+        history.record(Lake(spec.lake or default_lake_uri()), ctx, spec, "FAILED",
+                       {"error": message})
     except Exception as exc:  # noqa: BLE001 - history is best effort when the lake is down
         log.warning("could not record job history: %s", exc)
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medray.jobs.specs import build_spec
+from medray.cluster.infra import env
 from medray.workers.errors import ConfigError
+from medray.workers.specs import build_spec
 
 
 def load_spec_file(
@@ -31,8 +31,8 @@ def load_spec_file(
     if not kind:
         raise ConfigError(f"{path} has no 'kind' (stage, train, score or report)")
     values: dict[str, Any] = dict(doc)
-    if os.environ.get("MEDRAY_LAKE"):
-        values["lake"] = os.environ["MEDRAY_LAKE"]
+    if env.get(env.LAKE):
+        values["lake"] = env.get(env.LAKE)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

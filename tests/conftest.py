@@ -61,7 +61,7 @@ def medray_home() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def s3_server(medray_home: Path) -> Iterator[dict]:
-    from medray.cluster import s3server
+    from medray.cluster.infra import s3server
 
     info = s3server.up()
     yield info
@@ -81,7 +81,7 @@ def local_lake(tmp_path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(medray_home: Path) -> Iterator[dict]:
-    from medray.cluster import ray_local
+    from medray.cluster.infra import ray_local
 
     info = ray_local.up(num_cpus=2, dashboard_port=None)
     yield info

@@ -2,7 +2,8 @@
 
 ``InputError`` covers bad input or config: retrying never helps, the message names the fix.
 ``InfraError`` covers infrastructure (storage, cluster): it may pass, so callers may retry.
-The CLI maps ``InputError`` to exit code 2 before submission and any failure of a job to 1.
+Each class carries the exit code the CLI returns for it: 2 for bad input or config (whether
+found before submission or inside a job), 1 for everything else.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ class MedrayError(Exception):
     """Base class of every error medray raises on purpose."""
 
     retryable = False
+    exit_code = 1
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -23,6 +25,8 @@ class MedrayError(Exception):
 
 class InputError(MedrayError):
     """Bad input or configuration; never retried."""
+
+    exit_code = 2
 
 
 class ConfigError(InputError):
@@ -55,4 +59,12 @@ class PermanentStorageError(MedrayError):
 
 
 class JobFailedError(MedrayError):
-    """A submitted job ended in failure."""
+    """A submitted job ended in failure; ``exit_code`` is the one the job reported (2 when it
+    found bad input only on the cluster)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.exit_code))

@@ -100,6 +100,6 @@ def multinode(scoring, tmp_path_factory) -> Iterator[MultiNode]:
         yield MultiNode(home, info["temp_dir"], env, info)
     finally:
         # idempotent: test_cluster_down_cli_stops_every_process may have stopped it already
-        subprocess.run([sys.executable, "-c", "from medray.cluster import ray_local; "
+        subprocess.run([sys.executable, "-c", "from medray.cluster.infra import ray_local; "
                         "ray_local.down()"], env={**os.environ, **env}, timeout=120, check=False)
         shutil.rmtree(home, ignore_errors=True)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from medray.cluster import s3server
+from medray.cluster.infra import s3server
 from tests.faults import helpers as h
 
 pytestmark = [pytest.mark.integration]

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from medray.cluster import lake as lake_mod
-from medray.cluster import s3server
+from medray.cluster.infra import s3server
+from medray.cluster.store import lake as lake_mod
 from medray.workers.errors import InfraError, PermanentStorageError
 from tests.faults import helpers as h
 
@@ -104,7 +104,7 @@ def test_connection_refused_for_seconds_is_retried(s3_server, env_credentials, m
     try:
         timer.start()
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="medray.cluster.lake"):
+        with caplog.at_level(logging.WARNING, logger="medray.cluster.store.lake"):
             lake.write_bytes("probe.bin", b"payload")
             data = lake.read_bytes("probe.bin")
         elapsed = time.monotonic() - started

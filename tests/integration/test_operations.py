@@ -71,8 +71,8 @@ def three_nodes(tmp_path_factory):
 
 
 def _tiny_model(lake: str) -> None:
-    from medray.cluster import registry
-    from medray.cluster.lake import Lake
+    from medray.cluster.store import registry
+    from medray.cluster.store.lake import Lake
     from medray.workers.models import ModelCard, build_model
 
     model = build_model("small_cnn", 16, 1, 2, False)
@@ -172,7 +172,7 @@ def test_cluster_config_wraps_ray_up_and_fails_cleanly_without_cloud(tmp_path):
 
 
 def test_prices_table_parses():
-    from medray.cluster.costs import cost, load_prices
+    from medray.cluster.infra.costs import cost, load_prices
 
     prices = load_prices(str(ROOT / "configs" / "cluster" / "prices.yaml"))
     assert prices and "head" in prices

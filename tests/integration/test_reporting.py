@@ -47,7 +47,7 @@ def _folder_source(root: Path) -> Path:
 
 
 def _register(lake, tmp: Path, name: str, seed: int) -> None:
-    from medray.cluster import registry
+    from medray.cluster.store import registry
     from medray.workers.models import ModelCard, build_model
 
     model = build_model("small_cnn", 28, 1, len(LABELS), multi_label=False, seed=seed)
@@ -60,7 +60,7 @@ def _register(lake, tmp: Path, name: str, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory, s3_server, ray_cluster):
-    from medray.cluster.lake import Lake
+    from medray.cluster.store.lake import Lake
 
     tmp = tmp_path_factory.mktemp("report")
     lake_uri = f"s3://{s3_server['bucket']}/report-{uuid.uuid4().hex[:8]}"

@@ -30,13 +30,13 @@ SIZE = 28
 
 # ------------------------------------------------------------------ helpers
 def _lake(uri: str):
-    from medray.cluster.lake import Lake
+    from medray.cluster.store.lake import Lake
 
     return Lake(uri)
 
 
 def _register(lake_uri: str, name: str, model, tmp: Path) -> int:
-    from medray.cluster import registry
+    from medray.cluster.store import registry
     from medray.workers.models import ModelCard
 
     path = tmp / f"{name}.keras"
@@ -199,9 +199,10 @@ def test_a_committed_run_id_is_refused(setup, medray_home):
 def test_precheck_refuses_a_resume_with_other_options_and_gpus_the_cluster_lacks(
         setup, monkeypatch):
     """The checks `medray score` makes before submitting, called directly (no job)."""
-    from medray.cluster import ray_local, scoring
-    from medray.jobs.specs import build_spec
+    from medray.cluster.infra import ray_local
+    from medray.cluster.score import job as scoring
     from medray.workers.errors import InputError
+    from medray.workers.specs import build_spec
 
     for key, value in ray_local.auth_env().items():  # restored after the test
         monkeypatch.setenv(key, value)
@@ -358,9 +359,9 @@ try:
             if attempt == 2:
                 raise
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from medray.cluster import scoring
-    from medray.cluster.lake import Lake
-    from medray.jobs.specs import build_spec
+    from medray.cluster.score import job as scoring
+    from medray.cluster.store.lake import Lake
+    from medray.workers.specs import build_spec
 
     spec = build_spec("score", json.loads(sys.argv[1])).model_dump()
     result = scoring.run(spec, Lake(spec["lake"]), "fake-gpu-test")

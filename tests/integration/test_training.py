@@ -47,13 +47,13 @@ def pneu(lake, tmp_path_factory) -> dict:
 
 
 def _lake(uri: str):
-    from medray.cluster.lake import Lake
+    from medray.cluster.store.lake import Lake
 
     return Lake(uri)
 
 
 def _labelled_train_rows(lake: str, dataset: str) -> int:
-    from medray.cluster import catalog
+    from medray.cluster.store import catalog
 
     lk = _lake(lake)
     _, _, manifest = catalog.resolve(lk, dataset)
@@ -164,7 +164,7 @@ def test_multi_label_csv_trains_with_chexnet_weights(lake, tmp_path):
     assert set(card["metrics"]["val_auroc"]) == {"Bright", "Pneumonia"}
     assert all(0.0 <= v <= 1.0 for v in card["metrics"]["val_auroc"].values())
     # CheXNet weights recomputed here from the staged train split
-    from medray.cluster import catalog
+    from medray.cluster.store import catalog
 
     lk = _lake(lake)
     _, _, manifest = catalog.resolve(lk, "cxr")
@@ -259,7 +259,7 @@ def test_head_mode_caches_backbone_features_and_reuses_them(lake, p32):
     ids = table.column("image_id").to_pylist()[:8]
     cached = np.stack([np.asarray(v, np.float32) for v in
                        table.column("features").to_pylist()[:8]])
-    from medray.cluster import catalog
+    from medray.cluster.store import catalog
 
     _, _, manifest = catalog.resolve(lk, "p32")
     pixels = {}
@@ -306,7 +306,7 @@ def test_weights_file_that_does_not_exist_is_bad_input(lake, pneu):
 
 # ------------------------------------------------------------------------ ImageNet, offline
 def test_imagenet_without_network_is_a_fast_clear_error(lake, p32):
-    from medray.cluster.training import imagenet_reachable
+    from medray.cluster.train.job import imagenet_reachable
 
     if imagenet_reachable("mobilenet_v2"):
         pytest.skip("this machine can reach (or has cached) the ImageNet weights")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medray.cluster.lake import Lake
+from medray.cluster.store.lake import Lake
 from medray.jobs.specfile import load_spec_file
 from medray.workers.errors import ConfigError
 from tests.faults import helpers as h

@@ -212,7 +212,7 @@ def secret_volume_mount_paths(pod: dict[str, Any], container: dict[str, Any]) ->
 
 
 def build_spec(kind: str, values: dict[str, Any]) -> Any:
-    from medray.jobs.specs import build_spec as build
+    from medray.workers.specs import build_spec as build
 
     return build(kind, values)
 

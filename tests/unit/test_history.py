@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from medray.cluster import history
-from medray.cluster.lake import Lake
-from medray.jobs import local
+from medray.cluster.store import history, runs
+from medray.cluster.store.lake import Lake
+from medray.jobs import sdk
 from medray.workers.errors import ConfigError
 
 
@@ -48,29 +48,29 @@ def test_filters_by_dataset_model_run_and_date(lake):
 
 
 def test_jobs_list_reads_the_lake_without_a_cluster(lake, monkeypatch):
-    monkeypatch.setattr(local, "resolve_lake", lambda uri: lake)
-    monkeypatch.setattr(local.jobs_client, "list_jobs",
+    monkeypatch.setattr(sdk, "resolve_lake", lambda uri: lake)
+    monkeypatch.setattr(sdk.jobs_client, "list_jobs",
                         lambda address: [{"job_id": "medray-train-live", "kind": "train",
                                           "status": "RUNNING"}])
-    rows = local.jobs_list(None, None, status="failed")
+    rows = sdk.jobs_list(None, None, status="failed")
     assert _ids(rows) == ["medray-score-b"]
     assert rows[0]["dataset"] == "cxr:2" and rows[0]["model"] == "pneu:3"
     # A job only the live cluster knows is listed unless a filter needs its lake record.
-    assert "medray-train-live" in _ids(local.jobs_list(None, None))
-    assert "medray-train-live" not in _ids(local.jobs_list(None, None, dataset="cxr"))
-    assert _ids(local.jobs_list(None, None, since="2026-11-22T00:00")) == ["medray-stage-c"]
+    assert "medray-train-live" in _ids(sdk.jobs_list(None, None))
+    assert "medray-train-live" not in _ids(sdk.jobs_list(None, None, dataset="cxr"))
+    assert _ids(sdk.jobs_list(None, None, since="2026-11-22T00:00")) == ["medray-stage-c"]
     with pytest.raises(ConfigError, match="--since"):
-        local.jobs_list(None, None, since="yesterday")
+        sdk.jobs_list(None, None, since="yesterday")
 
 
 def test_run_cost_sums_every_job_of_a_resumed_run(lake):
     usage = {"cpu_seconds": 30.0, "gpu_seconds": 0.0}
-    history.record_run_usage(lake, "r1", "medray-score-a", {
+    runs.record_usage(lake, "r1", "medray-score-a", {
         "usage": usage, "cost": {"total": 0.002, "currency": "USD"}, "images": 600})
-    history.record_run_usage(lake, "r1", "medray-score-x", {
+    runs.record_usage(lake, "r1", "medray-score-x", {
         "usage": {"cpu_seconds": 10.0, "gpu_seconds": 4.0},
         "cost": {"total": 0.001, "currency": "USD"}, "images": 400})
-    out = history.run_cost(lake, "r1", images=1000)
+    out = runs.run_cost(lake, "r1", images=1000)
     assert out["score_jobs"] == 2
     assert out["cpu_seconds"] == pytest.approx(40.0) and out["gpu_seconds"] == pytest.approx(4.0)
     assert out["cost_total"] == pytest.approx(0.003)
@@ -79,9 +79,9 @@ def test_run_cost_sums_every_job_of_a_resumed_run(lake):
 
 
 def test_run_cost_without_prices_says_none_rather_than_zero(lake):
-    history.record_run_usage(lake, "r2", "medray-score-b", {
+    runs.record_usage(lake, "r2", "medray-score-b", {
         "usage": {"cpu_seconds": 5.0, "gpu_seconds": 0.0}, "cost": None, "images": 10})
-    out = history.run_cost(lake, "r2", images=10)
+    out = runs.run_cost(lake, "r2", images=10)
     assert out["cpu_seconds"] == pytest.approx(5.0)
     assert out["cost_total"] is None and out["cost_per_1000_images"] is None
-    assert history.run_cost(lake, "never-scored", images=5)["score_jobs"] == 0
+    assert runs.run_cost(lake, "never-scored", images=5)["score_jobs"] == 0

@@ -8,8 +8,8 @@ import stat
 import pyarrow as pa
 import pytest
 
-from medray.cluster import catalog, registry
-from medray.cluster.lake import Lake, classify, with_retries
+from medray.cluster.store import catalog, registry
+from medray.cluster.store.lake import Lake, classify, with_retries
 from medray.workers.errors import ConfigError, InfraError, NotFoundError, PermanentStorageError
 
 

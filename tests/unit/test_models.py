@@ -186,7 +186,7 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
 
 
 def test_imagenet_without_network_fails_fast_with_the_fix():
-    from medray.cluster.training import imagenet_reachable
+    from medray.cluster.train.job import imagenet_reachable
 
     if imagenet_reachable("mobilenet_v2"):
         pytest.skip("this machine can download ImageNet weights (or has them cached)")

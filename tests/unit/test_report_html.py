@@ -1,4 +1,4 @@
-"""The report's pure aggregation (cluster/reporting.py, no Ray) checked against scikit-learn and
+"""The report's pure aggregation (cluster/report/job.py, no Ray) checked against scikit-learn and
 scipy on the same in-memory predictions, and its HTML rendered in headless Chromium.
 
 Chromium: Debian package ``chromium`` (``apt-get install -y chromium``); the render test skips
@@ -23,7 +23,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from medray.cluster import reporting as rp
+from medray.cluster.report import job as rp
 from medray.workers import metrics, report_html
 from medray.workers.gradcam import overlay, to_png
 

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medray.cluster import sources
-from medray.cluster.lake import Lake
-from medray.cluster.staging import ShardWriter
+from medray.cluster.stage import sources
+from medray.cluster.stage.job import ShardWriter
+from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError
 from medray.workers.shards import SHARD_SCHEMA, split_for
 from tests.conftest import bomb_png

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from medray.jobs.specfile import load_spec_file
-from medray.jobs.specs import SPECS, build_spec
 from medray.workers.errors import ConfigError
+from medray.workers.specs import SPECS, build_spec
 
 FUZZ = settings(max_examples=120, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

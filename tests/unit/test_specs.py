@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from medray.jobs.specfile import load_spec_file
-from medray.jobs.specs import build_spec
 from medray.workers.errors import ConfigError
+from medray.workers.specs import build_spec
 
 
 def test_defaults_fill_in():

@@ -256,8 +256,8 @@ def _shard(lake, rel: str, rows: list[tuple[str, list[str] | None]]) -> None:
 
 
 def test_readers_keep_one_split_with_known_labels(tmp_path):
-    from medray.cluster.lake import Lake
-    from medray.cluster.training import count_rows, read_images
+    from medray.cluster.store.lake import Lake
+    from medray.cluster.train.job import count_rows, read_images
 
     lake = Lake(str(tmp_path / "lake"))
     rows = [("train", ["a"]), ("train", ["b"]), ("val", ["a"]), ("train", None),
@@ -277,8 +277,8 @@ def test_readers_keep_one_split_with_known_labels(tmp_path):
 
 
 def test_training_ids_resume_and_refusals(tmp_path):
-    from medray.cluster.lake import Lake
-    from medray.cluster.training import choose_training
+    from medray.cluster.store.lake import Lake
+    from medray.cluster.train.job import choose_training
 
     lake = Lake(str(tmp_path / "lake"))
     spec = {"model": "m", "resume": False, "run_id": None}
@@ -297,7 +297,7 @@ def test_training_ids_resume_and_refusals(tmp_path):
 
 
 def test_resume_must_be_the_same_model_but_may_change_schedules():
-    from medray.cluster.training import _check_resume
+    from medray.cluster.train.job import _check_resume
 
     saved = {"arch": "small_cnn", "mode": "full", "weights": "none", "augment": False,
              "dataset_version": 1, "labels": ["a"], "epochs": 12, "learning_rate": 0.002}
@@ -311,8 +311,8 @@ def test_resume_must_be_the_same_model_but_may_change_schedules():
 def test_weights_references_resolve_or_say_what_to_pass(tmp_path):
     import hashlib
 
-    from medray.cluster.lake import Lake
-    from medray.cluster.training import precheck, resolve_weights
+    from medray.cluster.store.lake import Lake
+    from medray.cluster.train.job import precheck, resolve_weights
     from medray.workers.errors import NotFoundError
 
     lake = Lake(str(tmp_path / "lake"))
@@ -342,7 +342,7 @@ def test_weights_references_resolve_or_say_what_to_pass(tmp_path):
 
 
 def test_feature_files_follow_their_shard():
-    from medray.cluster.training import feature_file
+    from medray.cluster.train.job import feature_file
 
     assert feature_file("mobilenet_v2-abc", "datasets/cxr/2/shards/part-00003.parquet") == (
         "features/mobilenet_v2-abc/cxr/2/part-00003.parquet")
@@ -351,7 +351,7 @@ def test_feature_files_follow_their_shard():
 def test_a_workers_bad_input_surfaces_from_ray_train_wrappers():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from medray.cluster.training import _unwrap
+    from medray.cluster.train.job import _unwrap
     from medray.workers.errors import InputError
 
     bad = InputError("--weights x.keras: no layer matches")

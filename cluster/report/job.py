@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from medray.workers import metrics
 from medray.workers.errors import InputError, NotFoundError
+from medray.workers.jsonsafe import json_safe
 from medray.workers.metrics import StreamingLabelStats
 from medray.workers.scorer import score_column
 from medray.workers.shards import now_utc
@@ -498,19 +499,6 @@ def build_report(cur: RunData, groups: np.ndarray | None, n_boot: int,
                   drift=drift, compare=cmp, plots=plots)
 
 
-def clean(obj: Any) -> Any:
-    """JSON/Parquet-safe values: NaN and infinities become None, numpy scalars Python ones."""
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def result_metrics(report: Report) -> dict[str, dict[str, Any]]:
     """The job result's ``metrics``: per label, the table row plus drift and comparison."""
     out: dict[str, dict[str, Any]] = {}
@@ -522,7 +510,7 @@ def result_metrics(report: Report) -> dict[str, dict[str, Any]]:
                                                         "auroc_diff_lo", "auroc_diff_hi",
                                                         "auroc_diff_p")}
         out.setdefault(extra["label"], {}).update(keep)
-    return clean(out)
+    return json_safe(out)
 
 
 _INT_COLUMNS = {"images", "with_truth", "positives", "negatives", "tp", "fp", "tn", "fn",
@@ -550,7 +538,7 @@ def _column_type(name: str) -> pa.DataType:
 def _table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows -> a table whose column types do not depend on the data (an all-null AUROC column
     of a run without ground truth is still float64), so reports stack across runs."""
-    rows = clean(rows)
+    rows = json_safe(rows)
     names: list[str] = []
     for r in rows:
         names.extend(k for k in r if k not in names)
@@ -568,7 +556,7 @@ def safe_name(label: str) -> str:
 
 def _read_part(lake_uri: str, rel: str, index: int, labels: list[str], thresholds: list[float],
                keep_all: bool) -> Part:
-    from medray.cluster.lake import Lake
+    from medray.cluster.store.lake import Lake
 
     columns = ["image_id", "true_labels", *[score_column(label) for label in labels]]
     table = Lake(lake_uri).read_parquet(rel, columns=columns)
@@ -576,7 +564,7 @@ def _read_part(lake_uri: str, rel: str, index: int, labels: list[str], threshold
 
 
 def _read_keys(lake_uri: str, rel: str, split: str | None) -> pa.Table:
-    from medray.cluster.lake import Lake
+    from medray.cluster.store.lake import Lake
 
     cols = ["image_id", "patient_key", *(["split"] if split else [])]
     table = Lake(lake_uri).read_parquet(rel, columns=cols)
@@ -628,13 +616,13 @@ def load_run(lake: Any, run_id: str, marker: dict[str, Any], keep_all: bool, job
 
 def _shard_paths(lake: Any, marker: dict[str, Any]) -> dict[str, str] | None:
     """Prediction-file stem -> dataset shard path, or None when the dataset is gone."""
-    from medray.cluster import catalog, scoring
+    from medray.cluster.store import catalog, layout
 
     try:
         manifest = catalog.manifest(lake, marker["dataset"], int(marker["dataset_version"]))
     except NotFoundError:
         return None
-    return {scoring.shard_stem(s["path"]): s["path"] for s in manifest["shards"]}
+    return {layout.shard_stem(s["path"]): s["path"] for s in manifest["shards"]}
 
 
 def _stem(rel: str) -> str:
@@ -675,8 +663,8 @@ def _ray_map(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
 def _heatmap_task(lake_uri: str, card: dict[str, Any], requests: dict[str, list[str]],
                   picks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Grad-CAM overlays for the picked images, with the run's model loaded once."""
-    from medray.cluster import registry
-    from medray.cluster.lake import Lake
+    from medray.cluster.store import registry
+    from medray.cluster.store.lake import Lake
     from medray.workers.gradcam import GradCam, overlay_pngs
     from medray.workers.models import ModelCard, configure_tensorflow, load_model
     from medray.workers.shards import decode_pixels
@@ -715,7 +703,7 @@ def start_heatmaps(lake: Any, marker: dict[str, Any], cur: RunData, k: int) -> A
 
     Started before the metrics so that its TensorFlow import and model load overlap them.
     """
-    from medray.cluster import registry
+    from medray.cluster.store import registry
 
     picks = top_images(cur, k)
     if not picks:
@@ -755,8 +743,8 @@ def finish_heatmaps(lake: Any, ref: Any | None, base: str, job_id: str) -> list[
     return results
 
 
-def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
-    from medray.cluster import history, scoring
+def _run_dict(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
+    from medray.cluster.store import runs
     from medray.workers import report_html
 
     started = time.monotonic()
@@ -773,10 +761,10 @@ def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
     n_boot = int(1000 if spec.get("n_boot") is None else spec["n_boot"])
     k = int(spec.get("heatmaps") or 0)
     psi_threshold = float(spec.get("drift_psi") or 0.2)
-    marker = scoring.read_commit(lake, run_id)
+    marker = runs.read_commit(lake, run_id)
     # Fail on a wrong --reference/--compare before any work.
-    ref_marker = scoring.read_commit(lake, spec["reference"]) if spec.get("reference") else None
-    cmp_marker = scoring.read_commit(lake, spec["compare"]) if spec.get("compare") else None
+    ref_marker = runs.read_commit(lake, spec["reference"]) if spec.get("reference") else None
+    cmp_marker = runs.read_commit(lake, spec["compare"]) if spec.get("compare") else None
     base = f"runs/{run_id}/report"
     lake.delete(f"{base}/{COMMIT}")  # a report being rewritten is not a committed report
     lake.delete_dir(f"{base}/heatmaps")
@@ -815,7 +803,7 @@ def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
         "reference": spec.get("reference"), "compare": spec.get("compare"),
         "drift_psi": psi_threshold if ref is not None else None, "drifted_labels": drifted,
         "heatmaps": len(heat), "created_at": now_utc().isoformat(),
-        **history.run_cost(lake, run_id, marker.get("images")),
+        **runs.run_cost(lake, run_id, marker.get("images")),
         "report_uri": lake.full_uri(base), "html_uri": lake.full_uri(f"{base}/report.html"),
     }
     html = report_html.render(report_html.document(summary, report.per_label, report.plots,
@@ -835,10 +823,14 @@ def run(spec: dict[str, Any], lake: Any, job_id: str) -> dict[str, Any]:
     lake.write_parquet(f"{base}/summary.parquet", _table([summary]))
     lap("write")
     seconds = round(time.monotonic() - started, 2)
-    lake.write_json(f"{base}/{COMMIT}", clean({**summary, "job_id": job_id, "seconds": seconds,
+    lake.write_json(f"{base}/{COMMIT}", json_safe({**summary, "job_id": job_id, "seconds": seconds,
                                                 "timings": timings}))  # the commit point
     log.info("[%s] report for %s: %d images, %d with truth, %s CIs, %d drifted, %.1fs %s",
              job_id, run_id, cur.images, cur.with_truth, unit, len(drifted), seconds, timings)
-    return clean({"run_id": run_id, "metrics": result_metrics(report),
+    return json_safe({"run_id": run_id, "metrics": result_metrics(report),
                   "report_uri": summary["report_uri"], "html_uri": summary["html_uri"],
                   "summary": summary})
+
+
+def run(spec: Any, lake: Any, ctx: Any) -> dict[str, Any]:  # transitional: typed spec below
+    return _run_dict(spec.model_dump(), lake, ctx.job_id)

@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from medray.cluster.home import medray_home, read_json
+from medray.cluster.infra import env
+from medray.cluster.infra.home import medray_home, read_json
 from medray.workers.errors import ConfigError, InfraError, NotFoundError, PermanentStorageError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ _TRANSIENT = (
 
 
 def _retry_seconds() -> float:
-    return float(os.environ.get("MEDRAY_STORAGE_RETRY_SECONDS", "60"))
+    return float(env.get(env.STORAGE_RETRY_SECONDS, "60"))
 
 
 def classify(exc: BaseException) -> str:
@@ -155,7 +156,7 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
 
 def default_lake_uri() -> str:
     """--lake / MEDRAY_LAKE, else the embedded S3 lake if it is up, else a local folder."""
-    uri = os.environ.get("MEDRAY_LAKE")
+    uri = env.get(env.LAKE)
     if uri:
         return uri
     cfg = embedded_lake_config()

@@ -1,19 +1,20 @@
-"""Dataset versions in the lake: ``datasets/<name>/<version>/manifest.json`` is the commit."""
+"""Dataset versions in the lake (the catalog); a version's manifest is its commit point."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from medray.cluster.lake import Lake
+from medray.cluster.store import layout
+from medray.cluster.store.lake import Lake
 from medray.workers.errors import NotFoundError
 
 
 def _versions(lake: Lake, name: str) -> list[int]:
-    return sorted(int(v) for v in lake.list_dirs(f"datasets/{name}") if v.isdigit())
+    return sorted(int(v) for v in lake.list_dirs(layout.dataset_root(name)) if v.isdigit())
 
 
 def committed_versions(lake: Lake, name: str) -> list[int]:
-    return [v for v in _versions(lake, name) if lake.exists(f"datasets/{name}/{v}/manifest.json")]
+    return [v for v in _versions(lake, name) if lake.exists(layout.manifest(name, v))]
 
 
 def next_version(lake: Lake, name: str) -> int:
@@ -45,12 +46,12 @@ def resolve(lake: Lake, ref: str) -> tuple[str, int, dict[str, Any]]:
 
 
 def manifest(lake: Lake, name: str, version: int) -> dict[str, Any]:
-    return dict(lake.read_json(f"datasets/{name}/{version}/manifest.json"))
+    return dict(lake.read_json(layout.manifest(name, version)))
 
 
 def list_datasets(lake: Lake) -> list[dict[str, Any]]:
     rows = []
-    for name in lake.list_dirs("datasets"):
+    for name in lake.list_dirs(layout.DATASETS):
         for version in committed_versions(lake, name):
             m = manifest(lake, name, version)
             rows.append(

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medray.cluster.infra import env
+
 
 def medray_home() -> Path:
-    home = Path(os.environ.get("MEDRAY_HOME") or Path.home() / ".medray").expanduser()
+    home = Path(env.get(env.HOME) or Path.home() / ".medray").expanduser()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
@@ -48,9 +50,9 @@ def deid_salt() -> bytes:
     It must stay the same across staging jobs so a patient keeps one key; on a multi-node
     cluster set MEDRAY_DEID_SALT on every node (a secret: never logged or written to the lake).
     """
-    env = os.environ.get("MEDRAY_DEID_SALT")
-    if env:
-        return env.encode()
+    given = env.get(env.DEID_SALT)
+    if given:
+        return given.encode()
     path = medray_home() / "deid_salt"
     if not path.exists():
         import secrets

@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from medray.cluster import catalog, sources
-from medray.cluster.lake import Lake
+from medray.cluster.stage import sources
+from medray.cluster.store import catalog
+from medray.cluster.store.lake import Lake
 from medray.workers.errors import InfraError, InputError
 from medray.workers.shards import (
     ERROR_SCHEMA,
@@ -570,6 +571,10 @@ class _Stager:
             log.warning("[%s] could not remove %s: %s", self.job_id, self.base, exc)
 
 
-def run(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
+def _run_dict(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
     """Stage ``spec['source']`` into a new version of ``spec['dataset']`` (see module doc)."""
     return _Stager(spec, lake, job_id).run()
+
+
+def run(spec: Any, lake: Any, ctx: Any) -> dict[str, Any]:  # transitional: typed spec below
+    return _run_dict(spec.model_dump(), lake, ctx.job_id)

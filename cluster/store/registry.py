@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medray.cluster.lake import Lake
+from medray.cluster.store import layout
+from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError, NotFoundError
 from medray.workers.models import ModelCard
 
@@ -23,19 +24,18 @@ _REF = re.compile(
 
 
 def versions(lake: Lake, name: str) -> list[int]:
-    found = [int(v) for v in lake.list_dirs(f"models/{name}") if v.isdigit()]
-    return sorted(v for v in found if lake.exists(f"models/{name}/{v}/card.json"))
+    found = [int(v) for v in lake.list_dirs(layout.model_root(name)) if v.isdigit()]
+    return sorted(v for v in found if lake.exists(layout.model_card(name, v)))
 
 
 def register(lake: Lake, model_file: str, card: ModelCard) -> ModelCard:
     """Upload a .keras file and its card as the next version of ``card.name``."""
-    all_dirs = [int(v) for v in lake.list_dirs(f"models/{card.name}") if v.isdigit()]
+    all_dirs = [int(v) for v in lake.list_dirs(layout.model_root(card.name)) if v.isdigit()]
     version = (max(all_dirs) + 1) if all_dirs else 1
     card.version = version
     card.created_at = card.created_at or datetime.now(UTC).isoformat()
-    base = f"models/{card.name}/{version}"
-    lake.write_bytes(f"{base}/model.keras", Path(model_file).read_bytes())
-    lake.write_bytes(f"{base}/card.json", card.to_json().encode())
+    lake.write_bytes(layout.model_file(card.name, version), Path(model_file).read_bytes())
+    lake.write_bytes(layout.model_card(card.name, version), card.to_json().encode())
     return card
 
 
@@ -56,7 +56,7 @@ def resolve(lake: Lake, ref: str) -> ModelCard:
             "file (`medray models register`)"
         )
     if alias:
-        aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+        aliases = lake.read_json_or_none(layout.model_aliases(name)) or {}
         if alias not in aliases:
             raise NotFoundError(f"model {name!r} has no alias @{alias} (has {sorted(aliases)})")
         version = int(aliases[alias])
@@ -64,7 +64,7 @@ def resolve(lake: Lake, ref: str) -> ModelCard:
         version = found[-1]
     if version not in found:
         raise NotFoundError(f"model {name!r} has no version {version} (has {found})")
-    return ModelCard.from_dict(lake.read_json(f"models/{name}/{version}/card.json"))
+    return ModelCard.from_dict(lake.read_json(layout.model_card(name, version)))
 
 
 def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
@@ -74,7 +74,7 @@ def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
     version's registration time as well as name and version, so a model of the same name and
     version from another lake, or from a lake re-created at the same place, is never used
     instead of the one asked for."""
-    from medray.cluster.home import medray_home
+    from medray.cluster.infra.home import medray_home
 
     root = Path(cache_dir) if cache_dir else medray_home() / "cache" / "models"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -86,7 +86,7 @@ def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
         tmp = root / f".{path.name}.{os.getpid()}.part"  # concurrent fetches never share a part
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(lake.read_bytes(f"models/{card.name}/{card.version}/model.keras"))
+            fh.write(lake.read_bytes(layout.model_file(card.name, card.version)))
         tmp.replace(path)
     return str(path)
 
@@ -94,18 +94,18 @@ def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
 def promote(lake: Lake, name: str, version: int, alias: str) -> dict[str, int]:
     if version not in versions(lake, name):
         raise NotFoundError(f"model {name!r} has no version {version}")
-    aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+    aliases = lake.read_json_or_none(layout.model_aliases(name)) or {}
     aliases[alias] = version
-    lake.write_json(f"models/{name}/aliases.json", aliases)
+    lake.write_json(layout.model_aliases(name), aliases)
     return dict(aliases)
 
 
 def list_models(lake: Lake) -> list[dict[str, Any]]:
     rows = []
     for name in lake.list_dirs("models"):
-        aliases = lake.read_json_or_none(f"models/{name}/aliases.json") or {}
+        aliases = lake.read_json_or_none(layout.model_aliases(name)) or {}
         for version in versions(lake, name):
-            card = ModelCard.from_dict(lake.read_json(f"models/{name}/{version}/card.json"))
+            card = ModelCard.from_dict(lake.read_json(layout.model_card(name, version)))
             rows.append(
                 {
                     "model": name,

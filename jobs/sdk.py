@@ -1,17 +1,86 @@
-"""Commands that run in the CLI's own process: lake listings, model registration, the quick
-`predict` look. Everything else runs as a Ray job."""
+"""The SDK: the one module the CLI calls, usable from Python as well.
+
+Job commands validate a spec, run the job's precheck against the lake (no Ray), submit the
+spec as a Ray job, follow it and return its result. Lake commands (listings, registration, the
+quick ``predict`` look, job history) run in the caller's own process.
+"""
 
 from __future__ import annotations
 
+import getpass
+import importlib
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medray.cluster import catalog, history, jobs_client, registry
-from medray.jobs.api import resolve_lake
-from medray.workers.errors import ConfigError, InfraError, NotFoundError
+from medray.cluster.infra import costs, env, jobs_client, wire
+from medray.cluster.store import catalog, history, layout, registry
+from medray.cluster.store.lake import Lake, default_lake_uri
+from medray.workers.errors import ConfigError, InfraError, JobFailedError, NotFoundError
 from medray.workers.models import ModelCard
+from medray.workers.specs import JobSpec, build_spec
 
 
+def resolve_lake(uri: str | None) -> Lake:
+    return Lake(uri or default_lake_uri())
+
+
+def precheck(spec: JobSpec, lake: Lake, address: str | None) -> None:
+    """Catch what a job would refuse before anything is submitted (exit code 2): bad dataset,
+    model and run references, a resume with other options, GPUs the cluster lacks, weights.
+    Each job package has its own ``precheck`` module; none of them starts Ray."""
+    module = importlib.import_module(f"medray.cluster.{spec.kind}.precheck")
+    module.precheck(spec, lake, address)
+
+
+def new_job_id(kind: str) -> str:
+    return f"medray-{kind}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def submit(
+    kind: str,
+    values: dict[str, Any],
+    address: str | None = None,
+    wait: bool = True,
+    on_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    values = dict(values)
+    lake = resolve_lake(values.get("lake") or None)
+    values["lake"] = lake.uri
+    spec = build_spec(kind, values)
+    precheck(spec, lake, address)
+    job_id = new_job_id(kind)
+    extra = {
+        env.SUBMITTED_AT: datetime.now(UTC).isoformat(),
+        env.SUBMITTED_BY: getpass.getuser(),
+    }
+    prices = costs.load_prices()
+    if prices:  # not secret: the job prices its own usage
+        extra[env.PRICES_JSON] = json.dumps(prices)
+    jobs_client.submit(spec, address, job_id=job_id, extra_env=extra)
+    if not wait:
+        return {"job_id": job_id, "status": "PENDING"}
+    status, logs = jobs_client.wait(job_id, address, on_log=on_log)
+    history.attach_log_tail(lake, job_id, status, logs)
+    if status != "SUCCEEDED":
+        error = wire.error_from_logs(logs)
+        message, code = error if error else (logs[-2000:], 1)
+        raise JobFailedError(f"{kind} job {job_id} {status.lower()}: {message}", exit_code=code)
+    result = wire.result_from_logs(logs) or {}
+    result.setdefault("job_id", job_id)
+    return result
+
+
+def stderr_log(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- in the caller's process
 def datasets_list(lake: str | None) -> list[dict[str, Any]]:
     return catalog.list_datasets(resolve_lake(lake))
 
@@ -89,7 +158,7 @@ def jobs_list(lake: str | None, address: str | None, **filters: Any) -> list[dic
     """History from the lake, overlaid with the live status of jobs the cluster still knows.
 
     Filters (``kind``, ``status``, ``dataset``, ``model``, ``run_id``, ``since``, ``until``)
-    are those of :func:`medray.cluster.history.list_history`; a job the live cluster knows but
+    are those of :func:`medray.cluster.store.history.list_history`; a job the live cluster knows but
     the lake does not (its driver has not started yet) is listed only when no filter needs its
     record."""
     for key in ("since", "until"):
@@ -152,7 +221,7 @@ def _iso_date(flag: str, value: str) -> str:
 
 
 def job_record(job_id: str, lake: str | None) -> dict[str, Any]:
-    doc = resolve_lake(lake).read_json_or_none(f"jobs/{job_id}.json")
+    doc = resolve_lake(lake).read_json_or_none(layout.job_record(job_id))
     if doc is None:
         raise NotFoundError(f"no job {job_id!r} in the lake's history")
     return dict(doc)

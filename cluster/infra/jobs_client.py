@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import getpass
-import json
 import logging
 import os
 import shlex
@@ -13,22 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medray.cluster import ray_local
+from medray.cluster.infra import env, ray_local
 from medray.workers.errors import InfraError, NotFoundError
+from medray.workers.specs import JobSpec
 
 log = logging.getLogger(__name__)
-RESULT_MARKER = "MEDRAY_RESULT "
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# Environment a job needs that is not secret; credentials come from the node itself.
-_PASS_ENV = (
-    "MEDRAY_HOME",
-    "MEDRAY_LAKE",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "MEDRAY_STORAGE_RETRY_SECONDS",
-    "MEDRAY_FAULT",
-)
 
 
 def client(address: str | None) -> Any:
@@ -45,28 +34,29 @@ def client(address: str | None) -> Any:
 
 def job_python(address: str | None) -> str:
     """Interpreter for the job: this one on the local cluster, else MEDRAY_JOB_PYTHON/python."""
-    if os.environ.get("MEDRAY_JOB_PYTHON"):
-        return os.environ["MEDRAY_JOB_PYTHON"]
+    if env.get(env.JOB_PYTHON):
+        return env.get(env.JOB_PYTHON)
     return sys.executable if ray_local.is_local(address) else "python"
 
 
 def submit(
-    kind: str,
-    spec: dict[str, Any],
+    spec: JobSpec,
     address: str | None,
     job_id: str | None = None,
     metadata: dict[str, str] | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> str:
-    payload = base64.urlsafe_b64encode(json.dumps(spec).encode()).decode()
+    """Submit ``spec`` as a Ray job that runs ``medray.jobs.entry``; returns the job id."""
+    kind = spec.kind
+    payload = base64.urlsafe_b64encode(spec.model_dump_json().encode()).decode()
     entrypoint = " ".join(
         shlex.quote(p)
         for p in (job_python(address), "-m", "medray.jobs.entry", kind, "--spec", payload)
     )
-    env_vars = {k: os.environ[k] for k in _PASS_ENV if os.environ.get(k)}
+    env_vars = {k: os.environ[k] for k in env.PASS_TO_JOBS if os.environ.get(k)}
     env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
     if job_id:
-        env_vars["MEDRAY_JOB_ID"] = job_id
+        env_vars[env.JOB_ID] = job_id
     env_vars.update(extra_env or {})
     meta = {"medray_kind": kind, "submitted_by": getpass.getuser(), **(metadata or {})}
     c = client(address)
@@ -139,17 +129,3 @@ def wait(
         if state in TERMINAL:
             return state, text
         time.sleep(poll_s)
-
-
-def result_from_logs(text: str) -> dict[str, Any] | None:
-    for line in reversed(text.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER) :])
-    return None
-
-
-def error_from_logs(text: str) -> str | None:
-    for line in reversed(text.splitlines()):
-        if line.startswith("MEDRAY_ERROR "):
-            return line[len("MEDRAY_ERROR ") :]
-    return None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medray.cluster.home import medray_home, read_json, write_private
+from medray.cluster.infra.home import medray_home, read_json, write_private
 from medray.workers.errors import ConfigError, InfraError
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from medray.cluster.home import deid_salt
-from medray.cluster.lake import source_filesystem, source_uri
+from medray.cluster.infra import faults
+from medray.cluster.infra.home import deid_salt
+from medray.cluster.store.lake import source_filesystem, source_uri
 from medray.workers.deid import Deidentifier, deidentify_bytes
 from medray.workers.errors import ConfigError, ImageError, InputError
 from medray.workers.imaging import array_to_pixels, decode_image
@@ -800,8 +801,7 @@ class _CrashGuard:
     def __init__(self, folder: str | None, job_id: str) -> None:
         self.fd: int | None = None
         self.bad: set[str] = set()
-        fault = os.environ.get("MEDRAY_FAULT", "")
-        self.fault = fault.split(":", 1)[1] if fault.startswith("stage_crash_on:") else None
+        self.fault = faults.stage_crash_text()
         if not folder:
             return
         try:
@@ -838,7 +838,7 @@ class _CrashGuard:
             data = uri.encode()
             os.pwrite(self.fd, len(data).to_bytes(4, "little") + data, 0)
         if self.fault and self.fault in uri and self.fd is not None:
-            os._exit(17)  # fault injection: see the class docstring
+            faults.die()  # fault injection: see the class docstring
 
     def clear(self) -> None:
         if self.fd is not None:

@@ -27,12 +27,16 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-class _Spec(BaseModel):
+class JobSpec(BaseModel):
+    """What every job spec has. The validated, frozen object travels whole from the CLI to the
+    job's ``run(spec, lake, ctx)`` on the cluster (as JSON on the wire, re-validated there)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
     lake: str = Field(default="", description="lake URI; empty = MEDRAY_LAKE or the default lake")
 
 
-class StageSpec(_Spec):
+class StageSpec(JobSpec):
     kind: Literal["stage"] = "stage"
     source: str
     dataset: str
@@ -67,7 +71,7 @@ class StageSpec(_Spec):
         return v
 
 
-class TrainSpec(_Spec):
+class TrainSpec(JobSpec):
     kind: Literal["train"] = "train"
     dataset: str
     model: str
@@ -98,7 +102,7 @@ class TrainSpec(_Spec):
         return None if v is None else check_name(v, "run id")
 
 
-class ScoreSpec(_Spec):
+class ScoreSpec(JobSpec):
     kind: Literal["score"] = "score"
     dataset: str
     model: str
@@ -127,7 +131,7 @@ class ScoreSpec(_Spec):
         return v
 
 
-class ReportSpec(_Spec):
+class ReportSpec(JobSpec):
     kind: Literal["report"] = "report"
     run_id: str
     reference: str | None = None
@@ -142,7 +146,7 @@ class ReportSpec(_Spec):
         return None if v is None else check_name(v, "run id")
 
 
-SPECS: dict[str, type[_Spec]] = {
+SPECS: dict[str, type[JobSpec]] = {
     "stage": StageSpec,
     "train": TrainSpec,
     "score": ScoreSpec,
@@ -150,7 +154,7 @@ SPECS: dict[str, type[_Spec]] = {
 }
 
 
-def build_spec(kind: str, values: dict[str, Any]) -> _Spec:
+def build_spec(kind: str, values: dict[str, Any]) -> JobSpec:
     """Validate ``values`` as a spec of ``kind``; ConfigError with a fix on any problem."""
     if kind not in SPECS:
         raise ConfigError(f"unknown job kind {kind!r}{_suggest(kind, SPECS)}")

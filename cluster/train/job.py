@@ -34,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster import catalog, registry
-from medray.cluster.lake import Lake
+from medray.cluster.infra import faults
+from medray.cluster.store import catalog, registry
+from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError, InputError, MedrayError, NotFoundError
 from medray.workers.models import (
     BACKBONES,
@@ -49,7 +50,6 @@ from medray.workers.shards import labels_to_targets
 log = logging.getLogger(__name__)
 COLUMNS = ["pixels", "labels", "split", "height", "width", "channels"]
 READER_CPUS = 0.25  # shard readers are I/O bound; they must fit beside the training workers
-FAULT_PREFIX = "train_exit_after_epoch:"
 # Keras Applications file name prefixes, to tell whether ImageNet weights are cached already
 _IMAGENET_FILES = {"mobilenet_v2": "mobilenet_v2_weights", "efficientnet_b0": "efficientnetb0",
                    "densenet121": "densenet121_weights", "inception_v3": "inception_v3_weights"}
@@ -451,18 +451,6 @@ def _load_weights(model: Any, data: bytes) -> None:
         model.load_weights(str(path))
 
 
-def _fault_epoch() -> int | None:
-    """MEDRAY_FAULT=train_exit_after_epoch:N: rank 0 dies right after checkpointing epoch N
-    (for resume tests; it travels with the job's environment)."""
-    fault = os.environ.get("MEDRAY_FAULT", "")
-    if not fault.startswith(FAULT_PREFIX):
-        return None
-    try:
-        return int(fault[len(FAULT_PREFIX):])
-    except ValueError:
-        return None
-
-
 def _build_trainable(lake: Lake, config: dict[str, Any]) -> tuple[Any, str]:
     """The model the optimizer updates: the head alone on cached features, else the full model
     (backbone frozen for --mode head)."""
@@ -528,7 +516,7 @@ def train_loop(config: dict[str, Any]) -> None:
                       state["best_epoch"])
     board = _Board(lake, f"{config['run_dir']}/tensorboard") if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    fault = _fault_epoch()
+    fault = faults.train_exit_epoch()
     mine: dict[str, Any] = {}
     epoch = int(state["epoch"])
     stop = tr.finished(state, spec["epochs"])  # every rank read the same checkpoint
@@ -546,7 +534,7 @@ def train_loop(config: dict[str, Any]) -> None:
         ray.train.report({"epoch": epoch, "steps": done["steps"]})
         if fault == epoch and rank == 0:
             wlog.info("MEDRAY_FAULT: exiting after epoch %d", epoch)
-            os._exit(17)
+            faults.die()
         stop = bool(decision["stop"])
     lake.write_json(f"{config['run_dir']}/ranks/{config['job_id']}-rank{rank}.json",
                     {"rank": rank, "world": world, "plan": asdict(plan), "epochs": mine})
@@ -703,7 +691,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def run(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
+def _run_dict(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
     started = time.monotonic()
     dataset, dversion, manifest = catalog.resolve(lake, spec["dataset"])
     labels, multi = list(manifest["labels"]), bool(manifest["multi_label"])
@@ -866,3 +854,7 @@ def _code_version() -> str:
         return f"medray {version('medray')}"
     except Exception:  # noqa: BLE001 - a card without a version is still a card
         return "medray (unknown)"
+
+
+def run(spec: Any, lake: Any, ctx: Any) -> dict[str, Any]:  # transitional: typed spec below
+    return _run_dict(spec.model_dump(), lake, ctx.job_id)

@@ -24,25 +24,28 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster import catalog, registry
-from medray.cluster.lake import Lake
-from medray.workers.errors import ConfigError, InfraError, InputError, NotFoundError
+from medray.cluster.store import catalog, layout, registry, runs
+from medray.cluster.store.lake import Lake
+from medray.cluster.store.layout import shard_stem
+from medray.cluster.store.runs import (
+    is_committed,
+    new_run_id,
+    read_commit,
+    scored_ids,
+)
+from medray.workers.errors import ConfigError, InfraError, InputError
 from medray.workers.models import ModelCard
 from medray.workers.scorer import INPUT_COLUMNS, Scorer, prediction_schema
 from medray.workers.shards import error_table, now_utc
 
 log = logging.getLogger(__name__)
-COMMIT = "_COMMITTED.json"
-RUN_DOC = "run.json"
 # what a resume must agree on with the run's first start
 _FROZEN = ("dataset", "model", "split", "only_new", "retry_failed", "partition_by")
 # Reading a shard is mostly I/O and decompression: the reader takes no CPU slot, so scorer
@@ -51,73 +54,10 @@ _READER_CPUS = 0.0
 _ROWS_PER_BLOCK = 1024
 
 
-def shard_stem(path: str) -> str:
-    """'datasets/cxr/1/shards/part-00003.parquet' -> 'cxr.1.part-00003' (unique per dataset)."""
-    parts = path.split("/")
-    return f"{parts[1]}.{parts[2]}.{parts[-1].removesuffix('.parquet')}"
-
-
-def new_run_id(model: str, version: int) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    return f"{model}-v{version}-{stamp}-{uuid.uuid4().hex[:6]}"
-
-
-def is_committed(lake: Lake, run_id: str) -> bool:
-    return lake.exists(f"runs/{run_id}/{COMMIT}")
-
-
-def read_commit(lake: Lake, run_id: str) -> dict[str, Any]:
-    marker = lake.read_json_or_none(f"runs/{run_id}/{COMMIT}")
-    if marker is None:
-        raise NotFoundError(f"run {run_id!r} is not committed (or does not exist) in {lake.uri}: "
-                            "list runs with `medray jobs list --kind score`")
-    return dict(marker)
-
-
-def read_predictions(lake: Lake, run_id: str, columns: list[str] | None = None) -> pa.Table:
-    """All prediction rows of a committed run, only from the files its marker lists."""
-    marker = read_commit(lake, run_id)
-    tables = [lake.read_parquet(f"runs/{run_id}/{f}", columns=columns) for f in marker["files"]]
-    if not tables:
-        return prediction_schema(marker["labels"]).empty_table()
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def read_errors(lake: Lake, run_id: str) -> pa.Table:
-    marker = read_commit(lake, run_id)
-    tables = [lake.read_parquet(f"runs/{run_id}/{f}") for f in marker["error_files"]]
-    return pa.concat_tables(tables) if tables else error_table([])
-
-
-# ------------------------------------------------------------------ the scored-images index
-def _index_dir(model: str, version: int, dataset: str) -> str:
-    return f"indexes/scored/{model}/{version}/{dataset}"
-
-
-def indexed_runs(lake: Lake, model: str, version: int, dataset: str) -> list[str]:
-    """Committed runs with an index file for this model version and dataset (one stat each)."""
-    runs = [f.rsplit("/", 1)[-1].removesuffix(".parquet")
-            for f in lake.list_files(_index_dir(model, version, dataset))
-            if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith(".")]
-    return [r for r in runs if is_committed(lake, r)]
-
-
-def scored_ids(lake: Lake, model: str, version: int, dataset: str,
-               runs: list[str] | None = None) -> pa.Array:
-    """Image ids with a committed prediction for this model version: one small file per run,
-    never a read of the runs' predictions."""
-    runs = indexed_runs(lake, model, version, dataset) if runs is None else runs
-    chunks = [lake.read_parquet(f"{_index_dir(model, version, dataset)}/{r}.parquet",
-                                columns=["image_id"]).column(0) for r in runs]
-    if not chunks:
-        return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array(chunks, pa.string()).combine_chunks())
-
-
 # ------------------------------------------------------------------ checks before submitting
 def cluster_gpus(address: str | None) -> float | None:
     """GPUs of the cluster's alive nodes from its dashboard; None when it cannot tell."""
-    from medray.cluster import jobs_client
+    from medray.cluster.infra import jobs_client
 
     try:
         resp = jobs_client.client(address)._do_request("GET", "/nodes?view=summary")
@@ -167,7 +107,7 @@ def _check_resume(lake: Lake, run_id: str, spec: dict[str, Any]) -> dict[str, An
     if is_committed(lake, run_id):
         raise InputError(f"run {run_id!r} is already committed; pick a new --run-id "
                          "(or leave it out) to score again")
-    existing = lake.read_json_or_none(f"runs/{run_id}/{RUN_DOC}")
+    existing = lake.read_json_or_none(layout.run_doc(run_id))
     if not existing:
         return None
     wanted = {
@@ -260,7 +200,7 @@ class ScorerActor:
                 "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "tensorflow_gpus": self.scorer.gpus, "precision": self.scorer.precision,
                 "started_at": now_utc().isoformat(), "job_id": job_id}
-        lake.write_json(f"runs/{run_id}/actors/{info['actor_id'] or os.getpid()}.json", info)
+        lake.write_json(layout.run_actor(run_id, info["actor_id"] or str(os.getpid())), info)
         log.info("[%s] scorer actor %s on node %s: Ray GPUs %s, TensorFlow GPUs %s, %s", job_id,
                  info["actor_id"], info["node_id"], info["ray_gpu_ids"], info["tensorflow_gpus"],
                  info["precision"])
@@ -302,7 +242,7 @@ def _start_run(lake: Lake, spec: dict[str, Any], job_id: str) -> tuple[dict[str,
         attempts = [*existing.get("attempts", []), {"job_id": job_id,
                                                     "started_at": now_utc().isoformat()}]
         doc = {**existing, "attempts": attempts}
-        lake.write_json(f"runs/{doc['run_id']}/{RUN_DOC}", doc)
+        lake.write_json(layout.run_doc(doc["run_id"]), doc)
         return doc, True
     dataset, dversion, _ = catalog.resolve(lake, spec["dataset"])
     card = registry.resolve(lake, spec["model"])
@@ -318,10 +258,10 @@ def _start_run(lake: Lake, spec: dict[str, Any], job_id: str) -> tuple[dict[str,
            "multi_label": card.multi_label, "thresholds": card.thresholds,
            "started_at": started.isoformat(),
            # the --only-new baseline: the runs committed now, so a resume skips the same images
-           "only_new_runs": indexed_runs(lake, card.name, card.version, dataset)
+           "only_new_runs": runs.indexed_runs(lake, card.name, card.version, dataset)
            if spec.get("only_new") else [],
            "attempts": [{"job_id": job_id, "started_at": started.isoformat()}]}
-    lake.write_json(f"runs/{run_id}/{RUN_DOC}", doc)
+    lake.write_json(layout.run_doc(run_id), doc)
     if doc["only_new"]:
         _warn_concurrent_only_new(lake, doc, job_id)
     return doc, False
@@ -333,7 +273,7 @@ def _warn_concurrent_only_new(lake: Lake, doc: dict[str, Any], job_id: str) -> N
     The lake has no atomic create-if-absent to make a lock of, so this warns rather than
     refuses; a run that was killed and never resumed would otherwise block every later one.
     """
-    inflight = f"{_index_dir(doc['model'], doc['model_version'], doc['dataset'])}/_inflight"
+    inflight = layout.scored_inflight(doc["model"], doc["model_version"], doc["dataset"])
     others = [f.rsplit("/", 1)[-1].removesuffix(".json") for f in lake.list_files(inflight)
               if f.endswith(".json")]
     for other in others:
@@ -345,7 +285,7 @@ def _warn_concurrent_only_new(lake: Lake, doc: dict[str, Any], job_id: str) -> N
                                                          "started_at": doc["started_at"]})
 
 
-def run(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
+def _run_dict(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
     started = time.monotonic()
     doc, resumed = _start_run(lake, spec, job_id)
     run_id = doc["run_id"]
@@ -359,7 +299,7 @@ def run(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
     gpus = _gpus_for_actors(spec, job_id)
     _check_cpus(spec, gpus)
 
-    base = f"runs/{run_id}"
+    base = layout.run_root(run_id)
     date_dir = f"date={doc['partition_date']}/" if doc["partition_by"] == "date" else ""
     stems = {shard_stem(s["path"]): s["path"] for s in manifest["shards"]}
     done = _written(lake, f"{base}/predictions")
@@ -368,7 +308,7 @@ def run(spec: dict[str, Any], lake: Lake, job_id: str) -> dict[str, Any]:
         if doc["only_new"] else None
     only = None
     if doc.get("retry_failed"):
-        failed = read_errors(lake, doc["retry_failed"]).column("image_id")
+        failed = runs.read_errors(lake, doc["retry_failed"]).column("image_id")
         only = pc.unique(pc.drop_null(failed).combine_chunks())
     log.info("[%s] run %s: %s:%d with %s:%d, %d shards, %d already written, %d to score%s%s",
              job_id, run_id, dataset, dversion, card.name, card.version, len(stems),
@@ -415,16 +355,16 @@ def _commit(lake: Lake, doc: dict[str, Any], card: ModelCard, stems: dict[str, s
               if f.endswith(".json") and not f.rsplit("/", 1)[-1].startswith(".")]
     assert card.version is not None
     # the index goes first: it only counts once the marker below exists
-    lake.write_parquet(f"{_index_dir(card.name, card.version, doc['dataset'])}/{run_id}.parquet",
+    lake.write_parquet(layout.scored_index(card.name, card.version, doc["dataset"], run_id),
                        pa.table({"image_id": ids}))
     marker = {**doc, "files": files, "error_files": error_files, "images": len(ids),
               "errors": n_errors, "actors": actors, "gpus_per_actor": gpus,
               "committed_at": now_utc().isoformat(), "committed_by": job_id,
               "seconds": round(time.monotonic() - started, 2)}
-    lake.write_json(f"{base}/{COMMIT}", marker)  # the commit point
+    lake.write_json(layout.run_commit(run_id), marker)  # the commit point
     if doc["only_new"]:
-        lake.delete(f"{_index_dir(card.name, card.version, doc['dataset'])}/_inflight/"
-                    f"{run_id}.json")
+        inflight = layout.scored_inflight(card.name, card.version, doc["dataset"])
+        lake.delete(f"{inflight}/{run_id}.json")
     _tidy(lake, base)
     log.info("[%s] committed run %s: %d images scored, %d errors, %d files (%d from earlier "
              "attempts), %.1fs", job_id, run_id, len(ids), n_errors, len(files), already,
@@ -536,3 +476,7 @@ def _write_shard(lake: Lake, base: str, date_dir: str, stem: str, table: pa.Tabl
         # an earlier attempt failed rows this one scored: its errors file must not survive
         lake.delete(f"{base}/errors/{date_dir}{stem}.parquet")
     lake.write_parquet(f"{base}/predictions/{date_dir}{stem}.parquet", preds)
+
+
+def run(spec: Any, lake: Any, ctx: Any) -> dict[str, Any]:  # transitional: typed spec below
+    return _run_dict(spec.model_dump(), lake, ctx.job_id)

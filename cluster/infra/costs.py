@@ -9,11 +9,12 @@ Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named b
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from medray.cluster.infra import env
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 def load_prices(path: str | None = None) -> dict[str, dict[str, float]] | None:
     import yaml
 
-    path = path or os.environ.get("MEDRAY_PRICES")
+    path = path or env.get(env.PRICES)
     if not path or not Path(path).exists():
         return None
     doc = yaml.safe_load(Path(path).read_text()) or {}

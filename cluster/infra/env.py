@@ -1,0 +1,36 @@
+"""Every environment variable medray reads, and the ones a job carries to the cluster.
+
+One home for the names: a module that reads ``MEDRAY_*`` imports the constant from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+HOME = "MEDRAY_HOME"  # where medray keeps its state (default ~/.medray)
+LAKE = "MEDRAY_LAKE"  # the lake URI when --lake is not given
+JOB_ID = "MEDRAY_JOB_ID"  # set by the CLI on every job; stamped on every job log line
+JOB_PYTHON = "MEDRAY_JOB_PYTHON"  # the interpreter a remote cluster runs jobs with
+SUBMITTED_AT = "MEDRAY_SUBMITTED_AT"
+SUBMITTED_BY = "MEDRAY_SUBMITTED_BY"
+PRICES = "MEDRAY_PRICES"  # a price table file (default configs/cluster/prices.yaml)
+PRICES_JSON = "MEDRAY_PRICES_JSON"  # the price table as the job receives it (not secret)
+STORAGE_RETRY_SECONDS = "MEDRAY_STORAGE_RETRY_SECONDS"  # how long transient storage errors retry
+DEID_SALT = "MEDRAY_DEID_SALT"  # the de-identification salt, when not in MEDRAY_HOME
+FAULT = "MEDRAY_FAULT"  # fault injection for tests (see cluster/infra/faults.py)
+
+# What a job needs from the submitting environment. Nothing secret: credentials are found on
+# the nodes themselves (AWS chain, MEDRAY_HOME files), never sent through job submission.
+PASS_TO_JOBS = (
+    HOME,
+    LAKE,
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    STORAGE_RETRY_SECONDS,
+    FAULT,
+)
+
+
+def get(name: str, default: str = "") -> str:
+    return os.environ.get(name) or default

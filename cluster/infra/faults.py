@@ -1,0 +1,41 @@
+"""Fault injection for the fault tests: the only place in medray that kills its own process.
+
+``MEDRAY_FAULT`` travels with a job's environment. Forms:
+
+- ``stage_crash_on:TEXT``: a staging decoder dies on the first input whose URI contains TEXT;
+- ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N.
+
+Unset (every real run), every hook here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+
+from medray.cluster.infra import env
+
+EXIT_CODE = 17  # what a test sees as the killed process's exit status
+
+
+def _value(prefix: str) -> str | None:
+    fault = env.get(env.FAULT)
+    return fault[len(prefix):] if fault.startswith(prefix) else None
+
+
+def stage_crash_text() -> str | None:
+    """TEXT of ``stage_crash_on:TEXT``, or None."""
+    return _value("stage_crash_on:") or None
+
+
+def train_exit_epoch() -> int | None:
+    """N of ``train_exit_after_epoch:N``, or None."""
+    value = _value("train_exit_after_epoch:")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def die() -> None:
+    """End this process at once, as a crash or an OOM kill would (no clean-up runs)."""
+    os._exit(EXIT_CODE)
