@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.medray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench bench-score bench-stage bench-train clean browser
+.PHONY: setup demo test test-unit test-integration test-e2e test-faults test-security lint \
+	typecheck bench bench-score bench-stage bench-train clean browser
 
 setup: $(STAMP)
 
@@ -21,12 +22,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+# One target per suite (tests/README.md says what each needs). Only the unit suite runs
+# without starting Ray or the S3 server.
+test-unit test-integration test-e2e test-faults test-security: test-%: setup
+	$(BIN)/python -m pytest tests/$* $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check jobs cluster workers tests bench
+	$(BIN)/ruff check jobs cluster workers tests bench tools
 	$(BIN)/python tools/check_layers.py
+	$(BIN)/python tools/typecheck.py
+
+typecheck: setup
+	$(BIN)/python tools/typecheck.py
 
 bench: bench-stage bench-score bench-train
 

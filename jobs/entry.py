@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except MedrayError as exc:
         _fail(ctx, spec, exc.message, exc.exit_code)
         return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - reported to the CLI, then exit 1
+    except Exception as exc:  # noqa: BLE001 - reported to the CLI as a failed job
         traceback.print_exc()
-        _fail(ctx, spec, f"{type(exc).__name__}: {exc}", 1)
-        return 1
+        _fail(ctx, spec, f"{type(exc).__name__}: {exc}", MedrayError.exit_code)
+        return MedrayError.exit_code
     print(wire.result_line(result), flush=True)  # noqa: T201 - the wire to the CLI
     return 0
 
@@ -60,7 +60,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
     from medray.cluster.store import history, runs
     from medray.cluster.store.lake import Lake, default_lake_uri
 
-    ray.init(address=env.get("RAY_ADDRESS", "auto"), logging_level=logging.WARNING,
+    ray.init(address=env.get(env.RAY_ADDRESS, "auto"), logging_level=logging.WARNING,
              log_to_driver=True)
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False

@@ -68,7 +68,7 @@ def submit(
     history.attach_log_tail(lake, job_id, status, logs)
     if status != "SUCCEEDED":
         error = wire.error_from_logs(logs)
-        message, code = error if error else (logs[-2000:], 1)
+        message, code = error if error else (logs[-2000:], JobFailedError.exit_code)
         raise JobFailedError(f"{kind} job {job_id} {status.lower()}: {message}", exit_code=code)
     result = wire.result_from_logs(logs) or {}
     result.setdefault("job_id", job_id)
@@ -225,3 +225,73 @@ def job_record(job_id: str, lake: str | None) -> dict[str, Any]:
     if doc is None:
         raise NotFoundError(f"no job {job_id!r} in the lake's history")
     return dict(doc)
+
+
+# ---------------------------------------------------------------- the local cluster and lake
+# What `medray lake up|status` may show: the credentials file's path, never its content.
+LAKE_PUBLIC = ("endpoint", "bucket", "uri", "running", "credentials_file")
+
+
+def cluster_up(nodes: int = 1, num_cpus: int | None = None,
+               num_gpus: int | None = None) -> dict[str, Any]:
+    """Start the local Ray cluster (head on 127.0.0.1, Jobs API with token auth)."""
+    from medray.cluster.infra import ray_local
+
+    return ray_local.up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def cloud_up(config: Path) -> int:
+    """`ray up` a cloud cluster from a Ray cluster launcher YAML; its exit status."""
+    import subprocess
+
+    # the venv's own `ray`, whatever PATH holds
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    return subprocess.call([ray_cli, "up", "-y", str(config)])  # noqa: S603 - our own binary
+
+
+def cluster_down() -> bool:
+    from medray.cluster.infra import ray_local
+
+    return ray_local.down()
+
+
+def cluster_status() -> dict[str, Any]:
+    from medray.cluster.infra import ray_local
+
+    return ray_local.status()
+
+
+def lake_up() -> dict[str, Any]:
+    """Start the embedded S3 lake; what may be shown of it."""
+    from medray.cluster.infra import s3server
+
+    return {k: v for k, v in s3server.up().items() if k in LAKE_PUBLIC}
+
+
+def lake_down() -> bool:
+    from medray.cluster.infra import s3server
+
+    return s3server.down()
+
+
+def lake_status() -> dict[str, Any]:
+    from medray.cluster.infra import s3server
+
+    return {k: v for k, v in s3server.status().items() if k in LAKE_PUBLIC}
+
+
+# ---------------------------------------------------------------- one job on the cluster
+def job_status(job_id: str, address: str | None) -> str:
+    return jobs_client.status(job_id, address)
+
+
+def job_logs(job_id: str, address: str | None,
+             on_log: Callable[[str], None] | None = None) -> str:
+    """The job's log; with ``on_log``, follow it until the job ends."""
+    if on_log is None:
+        return jobs_client.logs(job_id, address)
+    return jobs_client.wait(job_id, address, on_log=on_log)[1]
+
+
+def job_stop(job_id: str, address: str | None) -> bool:
+    return jobs_client.stop(job_id, address)

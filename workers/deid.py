@@ -36,18 +36,14 @@ import zlib
 from collections.abc import Callable
 
 import pydicom
+from pydicom._uid_dict import UID_dictionary  # where it lives: pydicom.uid does not export it
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    UID_dictionary,
-)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medray.workers.errors import ConfigError, ImageError
 

@@ -8,6 +8,8 @@ found before submission or inside a job), 1 for everything else.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class MedrayError(Exception):
     """Base class of every error medray raises on purpose."""
@@ -19,7 +21,7 @@ class MedrayError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __reduce__(self):  # pickles cleanly across Ray processes
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles cleanly across Ray processes
         return (self.__class__, (self.message,))
 
 
@@ -44,7 +46,7 @@ class ImageError(InputError):
         super().__init__(message)
         self.kind = kind
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.kind))
 
 
@@ -66,5 +68,5 @@ class JobFailedError(MedrayError):
         super().__init__(message)
         self.exit_code = exit_code
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.message, self.exit_code))

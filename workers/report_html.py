@@ -47,7 +47,8 @@ def _finite(v: Any) -> bool:
 class _Axes:
     """Maps data coordinates on [x0, x1] x [y0, y1] to the plot's pixels."""
 
-    def __init__(self, x0: float = 0.0, x1: float = 1.0, y0: float = 0.0, y1: float = 1.0):
+    def __init__(self, x0: float = 0.0, x1: float = 1.0, y0: float = 0.0, y1: float = 1.0
+                 ) -> None:
         self.x0, self.x1, self.y0, self.y1 = x0, x1, y0, y1 if y1 > y0 else y0 + 1.0
         self.pw = W - _M["left"] - _M["right"]
         self.ph = H - _M["top"] - _M["bottom"]

@@ -13,7 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medray.workers.errors import ConfigError
-from medray.workers.shards import parse_max_errors
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -38,26 +37,53 @@ class JobSpec(BaseModel):
 
 class StageSpec(JobSpec):
     kind: Literal["stage"] = "stage"
-    source: str
-    dataset: str
-    format: Literal["auto", "folder", "npz", "csv", "dicom"] = "auto"
-    image_size: int = Field(default=128, ge=8, le=1024)
-    channels: Literal[1, 3] = 1
-    shard_mb: float = Field(default=128.0, gt=0, le=4096)
-    keep_original: bool = False
-    val_percent: float = Field(default=10.0, ge=0, le=50)
-    test_percent: float = Field(default=10.0, ge=0, le=50)
-    max_errors: str = "10%"
-    label_names: list[str] | None = None
+    source: str = Field(
+        description="Folder tree, .npz, CSV/TSV manifest or DICOM folder; local or s3://."
+    )
+    dataset: str = Field(description="Dataset name.")
+    format: Literal["auto", "folder", "npz", "csv", "dicom"] = Field(
+        default="auto", description="auto|folder|npz|csv|dicom"
+    )
+    image_size: int = Field(
+        default=128, ge=8, le=1024, description="Square size of the staged pixels."
+    )
+    channels: Literal[1, 3] = Field(default=1, description="1 (gray) or 3 (RGB).")
+    shard_mb: float = Field(default=128.0, gt=0, le=4096, description="Target shard size in MB.")
+    keep_original: bool = Field(
+        default=False, description="Also keep the (de-identified) original bytes."
+    )
+    val_percent: float = Field(
+        default=10.0,
+        ge=0,
+        le=50,
+        description="Validation share by patient when the source has no splits.",
+    )
+    test_percent: float = Field(default=10.0, ge=0, le=50, description="Test share by patient.")
+    max_errors: str = Field(
+        default="10%", description="Fail when more inputs fail: a count or a percent."
+    )
+    label_names: list[str] | None = Field(
+        default=None, description="Class names for .npz labels, in label order."
+    )
     # CSV/TSV manifests (ChestX-ray14's Data_Entry_2017.csv by default)
-    path_column: str = "Image Index"
-    label_column: str = "Finding Labels"
-    label_sep: str = "|"
-    no_finding: str = "No Finding"
-    patient_column: str | None = "Patient ID"
-    images_root: str | None = None
-    max_pixels: int = Field(default=50_000_000, gt=0)
-    decode_batch: int = Field(default=32, ge=1, le=4096)
+    path_column: str = Field(default="Image Index", description="CSV image path column.")
+    label_column: str = Field(default="Finding Labels", description="CSV label column.")
+    label_sep: str = Field(default="|", description="CSV multi-label separator.")
+    no_finding: str = Field(
+        default="No Finding", description="CSV value meaning no positive label."
+    )
+    patient_column: str | None = Field(default="Patient ID", description="CSV patient column.")
+    images_root: str | None = Field(
+        default=None, description="Where CSV paths resolve (default: the CSV's folder)."
+    )
+    max_pixels: int = Field(
+        default=50_000_000,
+        gt=0,
+        description="Refuse images of more pixels than this (decompression bombs).",
+    )
+    decode_batch: int = Field(
+        default=32, ge=1, le=4096, description="Target inputs per decoding batch."
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -67,29 +93,39 @@ class StageSpec(JobSpec):
     @field_validator("max_errors")
     @classmethod
     def _max_errors(cls, v: str) -> str:
+        # imported here: shards pulls in numpy and pyarrow, which `medray --help` must not pay
+        from medray.workers.shards import parse_max_errors
+
         parse_max_errors(v, 1)
         return v
 
 
 class TrainSpec(JobSpec):
     kind: Literal["train"] = "train"
-    dataset: str
-    model: str
-    arch: str = "small_cnn"
-    epochs: int = Field(default=12, ge=1, le=1000)
-    batch_size: int = Field(default=64, ge=1, le=8192)
-    learning_rate: float = Field(default=2e-3, gt=0, le=1)
-    workers: int = Field(default=1, ge=1, le=512)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
-    weights: str = "none"
-    mode: Literal["full", "head"] = "full"
-    augment: bool = False
-    class_weights: Literal["auto", "none"] = "auto"
-    patience: int = Field(default=4, ge=1)
-    resume: bool = False
-    seed: int = 0
-    run_id: str | None = None
+    dataset: str = Field(description="NAME or NAME:VERSION.")
+    model: str = Field(description="Model name to register.")
+    arch: str = Field(
+        default="small_cnn",
+        description="small_cnn|mobilenet_v2|efficientnet_b0|densenet121|inception_v3",
+    )
+    epochs: int = Field(default=12, ge=1, le=1000, description="Maximum epochs.")
+    batch_size: int = Field(default=64, ge=1, le=8192, description="Global batch size.")
+    learning_rate: float = Field(default=2e-3, gt=0, le=1, description="Adam learning rate.")
+    workers: int = Field(default=1, ge=1, le=512, description="Ray Train workers.")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs per worker.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker.")
+    weights: str = Field(
+        default="none", description="none|imagenet|PATH.keras|PATH.weights.h5|MODEL:VERSION"
+    )
+    mode: Literal["full", "head"] = Field(default="full", description="full|head")
+    augment: bool = Field(default=False, description="Random flips/crops/rotation/brightness.")
+    class_weights: Literal["auto", "none"] = Field(default="auto", description="auto|none")
+    patience: int = Field(default=4, ge=1, description="Early-stopping patience in epochs.")
+    resume: bool = Field(
+        default=False, description="Continue from the last checkpoint of --run-id."
+    )
+    seed: int = Field(default=0, description="Random seed.")
+    run_id: str | None = Field(default=None, description="Training run id (for --resume).")
 
     @field_validator("model")
     @classmethod
@@ -104,19 +140,25 @@ class TrainSpec(JobSpec):
 
 class ScoreSpec(JobSpec):
     kind: Literal["score"] = "score"
-    dataset: str
-    model: str
-    split: str | None = None
-    run_id: str | None = None
-    actors: int = Field(default=1, ge=1, le=4096)
-    batch_size: int = Field(default=256, ge=1, le=65536)
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    gpus_per_actor: float = Field(default=0.0, ge=0)
-    allow_cpu: bool = False
-    only_new: bool = False
-    retry_failed: str | None = None
-    mixed_precision: bool = False
-    partition_by: Literal["none", "date"] = "none"
+    dataset: str = Field(description="NAME or NAME:VERSION.")
+    model: str = Field(description="NAME, NAME:VERSION or NAME@ALIAS.")
+    split: str | None = Field(default=None, description="Only this split (train|val|test).")
+    run_id: str | None = Field(
+        default=None, description="Run id; the same id resumes an unfinished run."
+    )
+    actors: int = Field(default=1, ge=1, le=4096, description="Scorer actors.")
+    batch_size: int = Field(default=256, ge=1, le=65536, description="Rows per scorer batch.")
+    cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs per actor.")
+    gpus_per_actor: float = Field(default=0.0, ge=0, description="Whole GPUs per actor.")
+    allow_cpu: bool = Field(default=False, description="Score on CPU when the cluster has no GPU.")
+    only_new: bool = Field(
+        default=False, description="Skip images already scored by this model version."
+    )
+    retry_failed: str | None = Field(
+        default=None, description="Re-score the failed images of this run id."
+    )
+    mixed_precision: bool = Field(default=False, description="float16 compute on GPUs.")
+    partition_by: Literal["none", "date"] = Field(default="none", description="none|date")
 
     @field_validator("run_id", "retry_failed")
     @classmethod
@@ -133,12 +175,18 @@ class ScoreSpec(JobSpec):
 
 class ReportSpec(JobSpec):
     kind: Literal["report"] = "report"
-    run_id: str
-    reference: str | None = None
-    compare: str | None = None
-    heatmaps: int = Field(default=0, ge=0, le=100)
-    n_boot: int = Field(default=1000, ge=0, le=100_000)
-    drift_psi: float = Field(default=0.2, gt=0)
+    run_id: str = Field(description="A committed run id.")
+    reference: str | None = Field(default=None, description="Reference run for drift (PSI, KS).")
+    compare: str | None = Field(default=None, description="Another model's run on the same images.")
+    heatmaps: int = Field(
+        default=0, ge=0, le=100, description="Grad-CAM overlays for the K top images per label."
+    )
+    n_boot: int = Field(default=1000, ge=0, le=100_000, description="Bootstrap resamples for CIs.")
+    drift_psi: float = Field(
+        default=0.2,
+        gt=0,
+        description="PSI above which a label is flagged as drifted (with KS p < 0.01).",
+    )
 
     @field_validator("run_id", "reference", "compare")
     @classmethod

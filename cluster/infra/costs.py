@@ -106,7 +106,7 @@ def job_usage(wall_s: float) -> dict[str, Any]:
                 span[1] = max(span[1], end or start)
         elif start and end:
             res = t.required_resources or {}
-            bucket = per_type[node_type.get(t.node_id, "unknown")]
+            bucket = per_type[node_type.get(t.node_id or "", "unknown")]
             bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
             bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
     for a in actors:
@@ -116,11 +116,11 @@ def job_usage(wall_s: float) -> dict[str, Any]:
     placement: dict[str, set[str]] = defaultdict(set)
     for actor_id, node in actor_node.items():
         placement[actor_class.get(actor_id, "?")].add(node)
-    for actor_id, (start, end) in actor_span.items():
+    for actor_id, (first, last) in actor_span.items():
         res = actor_res.get(actor_id, {})
         bucket = per_type[node_type.get(actor_node.get(actor_id, ""), "unknown")]
-        bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
-        bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+        bucket["cpu_seconds"] += res.get("CPU", 0.0) * (last - first) / 1000
+        bucket["gpu_seconds"] += res.get("GPU", 0.0) * (last - first) / 1000
     return {
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),

@@ -13,24 +13,33 @@ JOB_ID = "MEDRAY_JOB_ID"  # set by the CLI on every job; stamped on every job lo
 JOB_PYTHON = "MEDRAY_JOB_PYTHON"  # the interpreter a remote cluster runs jobs with
 SUBMITTED_AT = "MEDRAY_SUBMITTED_AT"
 SUBMITTED_BY = "MEDRAY_SUBMITTED_BY"
-PRICES = "MEDRAY_PRICES"  # a price table file (default configs/cluster/prices.yaml)
+PRICES = "MEDRAY_PRICES"  # a price table file (configs/cluster/prices.yaml); unset: no cost
 PRICES_JSON = "MEDRAY_PRICES_JSON"  # the price table as the job receives it (not secret)
 STORAGE_RETRY_SECONDS = "MEDRAY_STORAGE_RETRY_SECONDS"  # how long transient storage errors retry
 DEID_SALT = "MEDRAY_DEID_SALT"  # the de-identification salt, when not in MEDRAY_HOME
 FAULT = "MEDRAY_FAULT"  # fault injection for tests (see cluster/infra/faults.py)
+
+# Other tools' names that medray reads too.
+RAY_ADDRESS = "RAY_ADDRESS"  # the cluster when --address is not given
+AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"  # an S3-compatible endpoint (boto3 and pyarrow read it)
+AWS_ENDPOINT_URL_S3 = "AWS_ENDPOINT_URL_S3"  # the same, for S3 only
+AWS_REGION = "AWS_REGION"
+AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # set: use the AWS chain, not the embedded lake's keys
 
 # What a job needs from the submitting environment. Nothing secret: credentials are found on
 # the nodes themselves (AWS chain, MEDRAY_HOME files), never sent through job submission.
 PASS_TO_JOBS = (
     HOME,
     LAKE,
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
+    AWS_ENDPOINT_URL,
+    AWS_ENDPOINT_URL_S3,
+    AWS_REGION,
     STORAGE_RETRY_SECONDS,
     FAULT,
 )
 
 
 def get(name: str, default: str = "") -> str:
+    """The variable's value; ``default`` when it is unset or empty."""
     return os.environ.get(name) or default

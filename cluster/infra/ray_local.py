@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medray.cluster.infra import env
 from medray.cluster.infra.home import medray_home, read_json, write_private
 from medray.workers.errors import ConfigError, InfraError
 
@@ -143,8 +144,8 @@ def up(
     current = status()
     if current.get("running"):
         return current
-    env = {**os.environ, **auth_env()}
-    env.pop("RAY_ADDRESS", None)
+    ray_env = {**os.environ, **auth_env()}
+    ray_env.pop(env.RAY_ADDRESS, None)
     gcs_port = _free_port(6380)
     dash_port = _free_port(dashboard_port)
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
@@ -175,7 +176,7 @@ def up(
     ]
     if num_gpus is not None:
         head.append(f"--num-gpus={num_gpus}")
-    cfg = {
+    cfg: dict[str, Any] = {
         "gcs_address": f"{_node_ip()}:{gcs_port}",
         "dashboard_url": f"http://127.0.0.1:{dash_port}",
         "temp_dir": _temp_dir(),
@@ -185,7 +186,7 @@ def up(
     # recorded before anything starts, so `down` can clean up after a start that failed half-way
     write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
     try:
-        _start_head(head, env, cfg)
+        _start_head(head, ray_env, cfg)
         for _ in range(nodes - 1):
             worker = [
                 _ray_binary(),
@@ -197,7 +198,7 @@ def up(
             ]
             if num_gpus is not None:
                 worker.append(f"--num-gpus={num_gpus}")
-            _run_ray(worker, env)
+            _run_ray(worker, ray_env)
         _wait_nodes(cfg["dashboard_url"], nodes, timeout_s)
     except BaseException:
         down()
@@ -299,7 +300,7 @@ def down(grace_s: float = 10.0) -> bool:
 
 def dashboard_url(address: str | None) -> str:
     """The Jobs API URL for --address / RAY_ADDRESS, defaulting to the local cluster."""
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or env.get(env.RAY_ADDRESS) or None
     if address and address not in ("auto", "local"):
         return address if "://" in address else f"http://{address}"
     cfg = read_json(_ray_dir() / "cluster.json")
@@ -312,4 +313,6 @@ def dashboard_url(address: str | None) -> str:
 
 def is_local(address: str | None) -> bool:
     cfg = read_json(_ray_dir() / "cluster.json")
-    return bool(cfg) and dashboard_url(address) == cfg["dashboard_url"]
+    if not cfg:
+        return False
+    return dashboard_url(address) == cfg["dashboard_url"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from medray.workers.errors import MedrayError
 from medray.workers.jsonsafe import json_safe
 
 RESULT = "MEDRAY_RESULT "
@@ -44,5 +45,5 @@ def error_from_logs(text: str) -> tuple[str, int] | None:
     try:
         doc = json.loads(raw)
         return str(doc["message"]), int(doc["exit_code"])
-    except (ValueError, KeyError, TypeError):
-        return raw, 1
+    except (ValueError, KeyError, TypeError):  # not ours after all: a failed job, as it is
+        return raw, MedrayError.exit_code

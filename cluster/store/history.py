@@ -33,11 +33,11 @@ def record(
             "started_at": previous.get("started_at") or now,
             "ended_at": None if status == "RUNNING" else now,
             "run_id": result.get("run_id") or previous.get("run_id"),
-            "dataset": result.get("dataset") or spec.get("dataset"),
+            "dataset": result.get("dataset") or getattr(job_spec, "dataset", None),
             "dataset_version": result.get("dataset_version") or result.get("version")
             if kind == "stage"
             else result.get("dataset_version"),
-            "model": result.get("model") or spec.get("model"),
+            "model": result.get("model") or getattr(job_spec, "model", None),
             "model_version": result.get("model_version")
             or (result.get("version") if kind == "train" else None),
         },

@@ -19,7 +19,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -120,9 +120,9 @@ def embedded_lake_config() -> dict[str, Any] | None:
 
 
 def s3_settings() -> S3Settings:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    if endpoint or os.environ.get("AWS_ACCESS_KEY_ID"):
+    endpoint = env.get(env.AWS_ENDPOINT_URL_S3) or env.get(env.AWS_ENDPOINT_URL) or None
+    region = env.get(env.AWS_REGION) or env.get(env.AWS_DEFAULT_REGION, "us-east-1")
+    if endpoint or env.get(env.AWS_ACCESS_KEY_ID):
         return S3Settings(endpoint=endpoint, region=region)
     cfg = embedded_lake_config()
     if cfg:
@@ -195,7 +195,7 @@ class Lake:
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
 
-    def __reduce__(self):  # rebuilt from the URI on the other side: no secrets travel
+    def __reduce__(self) -> tuple[type[Lake], tuple[str]]:  # rebuilt from the URI: no secrets
         return (Lake, (self.uri,))
 
     # paths -----------------------------------------------------------------------------------
@@ -240,13 +240,6 @@ class Lake:
             return with_retries(op, f"read {self.full_uri(rel)}")
         except FileNotFoundError as exc:
             raise NotFoundError(f"not in the lake: {self.full_uri(rel)}") from exc
-
-    def iter_parquet_batches(
-        self, rel: str, batch_rows: int, columns: list[str] | None = None
-    ) -> Iterator[pa.RecordBatch]:
-        data = self.read_bytes(rel)  # a shard is read whole once: one GET, then decoded in slices
-        pf = pq.ParquetFile(io.BytesIO(data))
-        yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
 
     def list_files(self, rel: str, recursive: bool = False) -> list[str]:
         """Relative paths of the files under ``rel`` (sorted); [] when it does not exist."""

@@ -5,25 +5,41 @@ All paths are relative to the lake root, with '/' separators::
     datasets/<name>/<version>/manifest.json            commit point of a staging job
     datasets/<name>/<version>/shards/<part>.parquet     images (pixels, labels, split, ...)
     datasets/<name>/<version>/errors/<part>.parquet     inputs that could not be staged
+    datasets/<name>/<version>/_staging.json             a staging job at work (gone at commit)
     models/<name>/<version>/model.keras                 weights, published with the card
     models/<name>/<version>/card.json                   the model card: commit point of a version
     models/<name>/aliases.json                          alias -> version (e.g. prod -> 3)
-    models/<name>/_training/<train id>/                 spec, checkpoints/, tensorboard/, final/
+    models/<name>/_training/latest.json                 the training --resume alone continues
+    models/<name>/_training/<train id>/spec.json        the spec a training started with
+    models/<name>/_training/<train id>/init/<file>      an uploaded --weights file
+    models/<name>/_training/<train id>/checkpoints/     epoch-NNNN/{model.weights.h5,
+                                                        optimizer.npz,state.json}, latest.json,
+                                                        best.weights.h5
+    models/<name>/_training/<train id>/tensorboard/     event files, uploaded every epoch
+    models/<name>/_training/<train id>/ranks/<job>-rank<r>.json   steps each worker ran
+    models/<name>/_training/<train id>/final/           model.keras, result.json, registered.json
     features/<key>/<dataset>/<version>/<part>.parquet   cached backbone features (head mode)
+    features/<key>/<dataset>/<version>/<part>.json      commit point of one feature file
+    features/<key>/_key.json, _events/<job_id>.json     what the key covers; who computed what
     runs/<run_id>/run.json                              what a run scores, frozen at first start
     runs/<run_id>/actors/<actor>.json                   where each scorer actor ran
     runs/<run_id>/predictions/[date=D/]<shard>.parquet  one per input shard
     runs/<run_id>/errors/[date=D/]<shard>.parquet       images that could not be scored
     runs/<run_id>/usage/<job_id>.json                   CPU/GPU-seconds and cost of each job
     runs/<run_id>/report/                               report tables, report.html, heatmaps/
+    runs/<run_id>/report/heatmaps/<label>/<NN>-<id>.png   a Grad-CAM overlay (label made path-safe)
+    runs/<run_id>/report/_COMMITTED.json                commit point of a report, written last
     runs/<run_id>/_COMMITTED.json                       commit point of a run: lists its files
     indexes/scored/<model>/<version>/<dataset>/<run_id>.parquet   ids a committed run scored
+    indexes/scored/<model>/<version>/<dataset>/_inflight/<run_id>.json   --only-new, uncommitted
     jobs/<job_id>.json                                  job history (status, who, refs, log tail)
 
 A reader sees a dataset version, model version or run only after its commit point exists.
 """
 
 from __future__ import annotations
+
+import re
 
 DATASETS = "datasets"
 MODELS = "models"
@@ -53,8 +69,17 @@ def shard(name: str, version: int, part: str) -> str:
     return f"{dataset_version(name, version)}/shards/{part}"
 
 
+def dataset_errors_dir(name: str, version: int) -> str:
+    return f"{dataset_version(name, version)}/errors"
+
+
 def dataset_error_file(name: str, version: int, part: str) -> str:
     return f"{dataset_version(name, version)}/errors/{part}"
+
+
+def staging_marker(name: str, version: int) -> str:
+    """Which job is staging a version: written first, deleted at the commit or on failure."""
+    return f"{dataset_version(name, version)}/_staging.json"
 
 
 def shard_stem(path: str) -> str:
@@ -92,14 +117,97 @@ def training(model: str, train_id: str) -> str:
     return f"{trainings(model)}/{train_id}"
 
 
+def latest_training(model: str) -> str:
+    """Which training of the model ``--resume`` without ``--run-id`` continues."""
+    return f"{trainings(model)}/latest.json"
+
+
+def training_spec(model: str, train_id: str) -> str:
+    return f"{training(model, train_id)}/spec.json"
+
+
+def training_init(model: str, train_id: str, name: str) -> str:
+    """A ``--weights`` file uploaded beside the training, for workers on other nodes."""
+    return f"{training(model, train_id)}/init/{name}"
+
+
+def training_board(model: str, train_id: str) -> str:
+    return f"{training(model, train_id)}/tensorboard"
+
+
+def training_rank(model: str, train_id: str, job_id: str, rank: int) -> str:
+    return f"{training(model, train_id)}/ranks/{job_id}-rank{rank}.json"
+
+
+def training_model(model: str, train_id: str) -> str:
+    """The best epoch's full model, written by rank 0 when training ends."""
+    return f"{training(model, train_id)}/final/{MODEL_FILE}"
+
+
+def training_result(model: str, train_id: str) -> str:
+    """Thresholds and the training state, written by rank 0 after the model."""
+    return f"{training(model, train_id)}/final/result.json"
+
+
+def training_registered(model: str, train_id: str) -> str:
+    """The version a finished training registered: a resumed finished training returns it."""
+    return f"{training(model, train_id)}/final/registered.json"
+
+
+def checkpoints(model: str, train_id: str) -> str:
+    return f"{training(model, train_id)}/checkpoints"
+
+
+def checkpoint_latest(model: str, train_id: str) -> str:
+    """Points at the last committed epoch folder: the training has started once it exists."""
+    return f"{checkpoints(model, train_id)}/latest.json"
+
+
+def checkpoint_best(model: str, train_id: str) -> str:
+    return f"{checkpoints(model, train_id)}/best.weights.h5"
+
+
+def checkpoint_epoch(model: str, train_id: str, epoch: int) -> str:
+    return f"{checkpoints(model, train_id)}/epoch-{epoch:04d}"
+
+
+# the files of one epoch folder, as ``checkpoint_epoch`` names it and latest.json records it
+def checkpoint_weights(epoch_dir: str) -> str:
+    return f"{epoch_dir}/model.weights.h5"
+
+
+def checkpoint_optimizer(epoch_dir: str) -> str:
+    return f"{epoch_dir}/optimizer.npz"
+
+
+def checkpoint_state(epoch_dir: str) -> str:
+    """Written last: the epoch's commit point."""
+    return f"{epoch_dir}/state.json"
+
+
 def features_root(key: str) -> str:
     return f"features/{key}"
+
+
+def features_key(key: str) -> str:
+    """What the key's hash covers (arch, input size, weights identity...), for a reader."""
+    return f"{features_root(key)}/_key.json"
+
+
+def features_event(key: str, job_id: str) -> str:
+    """Which shards one job computed, and when."""
+    return f"{features_root(key)}/_events/{job_id}.json"
 
 
 def feature_file(key: str, shard_path: str) -> str:
     """'datasets/cxr/2/shards/part-00003.parquet' -> 'features/<key>/cxr/2/part-00003.parquet'."""
     parts = shard_path.split("/")
     return f"{features_root(key)}/{parts[1]}/{parts[2]}/{parts[-1]}"
+
+
+def feature_marker(feature_path: str) -> str:
+    """The JSON beside a feature file, written after it: its commit point."""
+    return feature_path.removesuffix(".parquet") + ".json"
 
 
 # runs -------------------------------------------------------------------------------------------
@@ -120,8 +228,25 @@ def run_doc(run_id: str) -> str:
     return f"{run_root(run_id)}/{RUN_DOC}"
 
 
+def run_actors_dir(run_id: str) -> str:
+    return f"{run_root(run_id)}/actors"
+
+
 def run_actor(run_id: str, actor: str) -> str:
     return f"{run_root(run_id)}/actors/{actor}.json"
+
+
+def run_predictions_dir(run_id: str) -> str:
+    return f"{run_root(run_id)}/predictions"
+
+
+def run_errors_dir(run_id: str) -> str:
+    return f"{run_root(run_id)}/errors"
+
+
+def date_partition(day: str) -> str:
+    """'2024-05-01' -> 'date=2024-05-01/': the folder --partition-by date adds (the date_dir)."""
+    return f"date={day}/"
 
 
 def run_predictions(date_dir: str, stem: str) -> str:
@@ -146,6 +271,36 @@ def run_report(run_id: str) -> str:
     return f"{run_root(run_id)}/report"
 
 
+def run_report_table(run_id: str, name: str) -> str:
+    """A report table: summary, per_label_metrics, thresholds, calibration, drift, compare or
+    heatmaps."""
+    return f"{run_report(run_id)}/{name}.parquet"
+
+
+def run_report_html(run_id: str) -> str:
+    return f"{run_report(run_id)}/report.html"
+
+
+def run_report_commit(run_id: str) -> str:
+    return f"{run_report(run_id)}/{RUN_COMMIT}"
+
+
+def run_report_heatmaps(run_id: str) -> str:
+    return f"{run_report(run_id)}/heatmaps"
+
+
+def run_report_heatmap(run_id: str, label: str, rank: int, image_id: str) -> str:
+    """One Grad-CAM overlay: the label as a safe path segment, its rank, the image id's start."""
+    segment = re.sub(r"[^A-Za-z0-9_.-]", "_", label) or "_"
+    return f"{run_report_heatmaps(run_id)}/{segment}/{rank:02d}-{image_id[:16]}.png"
+
+
+def prediction_stem(rel: str) -> str:
+    """'predictions/date=D/cxr.1.part-00003.parquet' -> 'cxr.1.part-00003': the ``shard_stem`` of
+    the dataset shard that a prediction file (as a run's commit marker lists it) scored."""
+    return rel.rsplit("/", 1)[-1].removesuffix(".parquet")
+
+
 def scored_index_dir(model: str, version: int, dataset: str) -> str:
     return f"indexes/scored/{model}/{version}/{dataset}"
 
@@ -153,6 +308,10 @@ def scored_index_dir(model: str, version: int, dataset: str) -> str:
 def scored_inflight(model: str, version: int, dataset: str) -> str:
     """Runs with --only-new that have started and not yet committed (one JSON file each)."""
     return f"{scored_index_dir(model, version, dataset)}/_inflight"
+
+
+def scored_inflight_run(model: str, version: int, dataset: str, run_id: str) -> str:
+    return f"{scored_inflight(model, version, dataset)}/{run_id}.json"
 
 
 def scored_index(model: str, version: int, dataset: str, run_id: str) -> str:

@@ -76,6 +76,8 @@ def fetch(lake: Lake, card: ModelCard, cache_dir: str | None = None) -> str:
     instead of the one asked for."""
     from medray.cluster.infra.home import medray_home
 
+    if card.version is None:  # a card that was never registered has no file in the lake
+        raise NotFoundError(f"model {card.name!r} has no registered version to fetch")
     root = Path(cache_dir) if cache_dir else medray_home() / "cache" / "models"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = hashlib.sha256(

@@ -1,13 +1,42 @@
-"""Checks of a train spec in the CLI process, before anything is submitted (no Ray)."""
+"""Checks of a train spec before anything runs: in the CLI process (no Ray, no TensorFlow) and
+again on the job driver, so bad input exits 2 without waiting for a cluster.
+
+Checked: the dataset and its labels, the arch against the image size, ``--weights`` (and
+whether ImageNet weights can be downloaded, where this machine's network is the cluster's),
+and that ``--run-id`` does not name a started training without ``--resume``.
+"""
 
 from __future__ import annotations
 
 from medray.cluster.infra import ray_local
+from medray.cluster.store import catalog
 from medray.cluster.store.lake import Lake
+from medray.cluster.train import checkpoints
+from medray.cluster.train.weights import imagenet_reachable, resolve_weights
+from medray.workers.errors import ConfigError, InputError
+from medray.workers.models import BACKBONES, check_arch, parse_augment
 from medray.workers.specs import TrainSpec
 
 
 def precheck(spec: TrainSpec, lake: Lake, address: str | None) -> None:
-    from medray.cluster.train import job
+    """The CLI's check before submission; the network is checked only for a local cluster."""
+    check(spec, lake, check_network=ray_local.is_local(address))
 
-    job.precheck(spec.model_dump(), lake, check_network=ray_local.is_local(address))
+
+def check(spec: TrainSpec, lake: Lake, check_network: bool = True) -> None:
+    """ConfigError or InputError, each naming the fix, for what can be known without running."""
+    _, _, manifest = catalog.resolve(lake, spec.dataset)
+    check_arch(spec.arch, int(manifest["image_size"]))
+    parse_augment(spec.augment)
+    if not manifest.get("labels"):
+        raise ConfigError(f"dataset {spec.dataset} has no labels to train on")
+    if spec.weights == "imagenet" and spec.arch not in BACKBONES:
+        raise ConfigError("--weights imagenet needs an ImageNet --arch ("
+                          f"{', '.join(BACKBONES)}); small_cnn has no pretrained weights")
+    if spec.weights == "imagenet" and check_network and not imagenet_reachable(spec.arch):
+        raise InputError(f"--weights imagenet: cannot reach storage.googleapis.com and no cached "
+                         f"{spec.arch} weights in ~/.keras/models; pass --weights PATH with a "
+                         ".keras, .weights.h5 or Keras Applications .h5 file instead")
+    # a resumed training may find its uploaded copy of a local file that is gone by now
+    resolve_weights(lake, spec.weights, spec.model, spec.run_id if spec.resume else None)
+    checkpoints.refuse_restart(lake, spec)

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import cli_json, run_cli, small_npz
+from tests.support.cli import cli_json, run_cli
+from tests.support.data import small_npz
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

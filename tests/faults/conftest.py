@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from medray.workers.imaging import IMAGE_ERROR_KINDS
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 # A staging process that decoded one of the bombs (1.6 to 3.6 gigapixels declared, 144
 # megapixels real) would pass this; Ray workers that only decode 28 px images stay far below.

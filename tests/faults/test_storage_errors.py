@@ -15,7 +15,7 @@ import pytest
 from medray.cluster.infra import s3server
 from medray.cluster.store import lake as lake_mod
 from medray.workers.errors import InfraError, PermanentStorageError
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 pytestmark = [pytest.mark.integration]
 

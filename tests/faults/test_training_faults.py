@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 pytestmark = [pytest.mark.integration]
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, cli_json, run_cli, small_npz
+from tests.support.cli import cli_json, run_cli
+from tests.support.data import small_npz
+from tests.support.paths import ROOT
 
 pytestmark = pytest.mark.integration
 

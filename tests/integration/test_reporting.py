@@ -19,7 +19,8 @@ from PIL import Image
 from scipy import stats
 from sklearn import metrics as skm
 
-from tests.conftest import DATA, cli_json, run_cli
+from tests.support.cli import cli_json, run_cli
+from tests.support.paths import DATA
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def test_json_metrics_match_sklearn_on_committed_predictions(reported):
 
 
 def test_tables_html_heatmaps_and_commit_marker(reported):
-    from medray.workers import metrics
+    from medray.workers.drift import psi
 
     lake, a, b = reported["lake"], reported["a"], reported["b"]
     base = f"runs/{a}/report"
@@ -151,7 +152,7 @@ def test_tables_html_heatmaps_and_commit_marker(reported):
     for label, d, c in zip(LABELS, drift, compare, strict=True):
         sa = preds_a.column(f"score_{label}").to_numpy().astype(np.float64)
         sb = preds_b.column(f"score_{label}").to_numpy().astype(np.float64)
-        assert d["label"] == label and d["psi"] == pytest.approx(metrics.psi(sb, sa), abs=1e-12)
+        assert d["label"] == label and d["psi"] == pytest.approx(psi(sb, sa), abs=1e-12)
         y = _truth(preds_a, label)
         assert c["paired_images"] == preds_a.num_rows
         want = skm.roc_auc_score(y, sa) - skm.roc_auc_score(y, sb[take_b])

@@ -21,7 +21,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MEDRAY, cli_json, run_cli, small_npz, wait_for
+from tests.support.cli import cli_json, run_cli
+from tests.support.data import small_npz
+from tests.support.paths import MEDRAY
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration]
 LABELS = ["normal", "pneumonia"]
@@ -200,32 +203,37 @@ def test_precheck_refuses_a_resume_with_other_options_and_gpus_the_cluster_lacks
         setup, monkeypatch):
     """The checks `medray score` makes before submitting, called directly (no job)."""
     from medray.cluster.infra import ray_local
-    from medray.cluster.score import job as scoring
+    from medray.cluster.infra.context import JobContext
+    from medray.cluster.score import job
+    from medray.cluster.score.precheck import precheck
     from medray.workers.errors import InputError
-    from medray.workers.specs import build_spec
+    from medray.workers.specs import ScoreSpec, build_spec
 
     for key, value in ray_local.auth_env().items():  # restored after the test
         monkeypatch.setenv(key, value)
     lake = _lake(setup["lake"])
     run_id = f"opts-{uuid.uuid4().hex[:6]}"
 
-    def spec(**values) -> dict:
-        return build_spec("score", {"dataset": "cxr", "model": setup["tiny"], "run_id": run_id,
-                                    "lake": setup["lake"], **values}).model_dump()
+    def spec(**values) -> ScoreSpec:
+        built = build_spec("score", {"dataset": "cxr", "model": setup["tiny"], "run_id": run_id,
+                                     "lake": setup["lake"], **values})
+        assert isinstance(built, ScoreSpec)
+        return built
 
-    scoring._start_run(lake, spec(), "job-precheck")  # what a first attempt writes
-    scoring.precheck(spec(batch_size=64, actors=2), lake)  # speed options may change
+    ctx = JobContext(job_id="job-precheck", kind="score", submitted_by="test", submitted_at=None)
+    job.start_run(lake, spec(), ctx)  # what a first attempt writes
+    precheck(spec(batch_size=64, actors=2), lake, None)  # speed options may change
     with pytest.raises(InputError, match="started with split=None, not 'test'"):
-        scoring.precheck(spec(split="test"), lake)
+        precheck(spec(split="test"), lake, None)
     with pytest.raises(InputError, match="started with only_new=False"):
-        scoring.precheck(spec(only_new=True), lake)
+        precheck(spec(only_new=True), lake, None)
     from medray.workers.models import build_model
 
     other = _register(setup["lake"], "tiny", build_model("small_cnn", SIZE, 1, 2, False, seed=5),
                       setup["tmp"])
     with pytest.raises(InputError, match=f"scores model version 1, not {other}"):
-        scoring.precheck(spec(model=f"tiny:{other}"), lake)
-    scoring.precheck(spec(gpus_per_actor=1, allow_cpu=True), lake)  # no cluster question
+        precheck(spec(model=f"tiny:{other}"), lake, None)
+    precheck(spec(gpus_per_actor=1, allow_cpu=True), lake, None)  # no cluster question
     # GPUs the cluster lacks: test_gpus_on_a_cluster_without_gpus_fail_with_a_clear_message
 
 
@@ -359,12 +367,15 @@ try:
             if attempt == 2:
                 raise
     ray.data.DataContext.get_current().enable_progress_bars = False
-    from medray.cluster.score import job as scoring
+    from medray.cluster.infra.context import JobContext
+    from medray.cluster.score import job
     from medray.cluster.store.lake import Lake
     from medray.workers.specs import build_spec
 
-    spec = build_spec("score", json.loads(sys.argv[1])).model_dump()
-    result = scoring.run(spec, Lake(spec["lake"]), "fake-gpu-test")
+    spec = build_spec("score", json.loads(sys.argv[1]))
+    ctx = JobContext(job_id="fake-gpu-test", kind="score", submitted_by="test",
+                     submitted_at=None)
+    result = job.run(spec, Lake(spec.lake), ctx)
     print("RESULT " + json.dumps(result), flush=True)
 finally:
     ray.shutdown()

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from tests.conftest import bomb_png, cli_json, run_cli, small_npz
+from tests.support.cli import cli_json, run_cli
+from tests.support.data import bomb_png, small_npz
 
 pytestmark = [pytest.mark.integration]
 

@@ -16,7 +16,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from tests.conftest import DATA, cli_json, run_cli, small_npz
+from tests.support.cli import cli_json, run_cli
+from tests.support.data import small_npz
+from tests.support.paths import DATA
 
 pytestmark = pytest.mark.integration
 
@@ -306,7 +308,7 @@ def test_weights_file_that_does_not_exist_is_bad_input(lake, pneu):
 
 # ------------------------------------------------------------------------ ImageNet, offline
 def test_imagenet_without_network_is_a_fast_clear_error(lake, p32):
-    from medray.cluster.train.job import imagenet_reachable
+    from medray.cluster.train.weights import imagenet_reachable
 
     if imagenet_reachable("mobilenet_v2"):
         pytest.skip("this machine can reach (or has cached) the ImageNet weights")

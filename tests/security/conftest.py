@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 
 @pytest.fixture(scope="session")

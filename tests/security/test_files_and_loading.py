@@ -21,7 +21,7 @@ import pytest
 from medray.cluster.store.lake import Lake
 from medray.jobs.specfile import load_spec_file
 from medray.workers.errors import ConfigError
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 
 def _mode(path: Path) -> int:

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tests.faults import helpers as h
+from tests.support import faults as h
 
 pytestmark = [pytest.mark.integration]
 LOOPBACK = {"127.0.0.1", "::1"}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults import helpers as h
-from tests.security.scan import found_in
+from tests.support import faults as h
+from tests.support.scan import found_in
 
 pytestmark = [pytest.mark.integration]
 PHI = {f"phi{i}": value for i, value in enumerate(h.PHI_TEXT)}

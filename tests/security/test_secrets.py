@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.faults import helpers as h
-from tests.security.scan import found_in
+from tests.support import faults as h
+from tests.support.scan import found_in
 
 pytestmark = [pytest.mark.integration]
 

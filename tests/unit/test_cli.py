@@ -1,11 +1,19 @@
-"""The CLI surface: fast help without TensorFlow, every documented command present."""
+"""The CLI surface: fast help without TensorFlow, every documented command present, job options
+whose defaults live only in the spec classes."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
-from tests.conftest import MEDRAY
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from medray.jobs import cli, sdk
+from medray.workers.specs import ReportSpec, ScoreSpec, StageSpec, TrainSpec
+from tests.support.paths import MEDRAY
 
 COMMANDS = [
     "stage",
@@ -74,9 +82,100 @@ def test_bad_usage_exits_2(tmp_path):
 
 
 def test_layers_import_downward_only():
-    from tests.conftest import ROOT
+    from tests.support.paths import ROOT
 
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "check_layers.py")], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout
+
+
+# ---------------------------------------------------------------- options built from the specs
+JOB_SPECS = {"stage": StageSpec, "train": TrainSpec, "score": ScoreSpec, "report": ReportSpec}
+
+
+@pytest.fixture
+def submitted(monkeypatch):
+    """What a job command hands the SDK: (kind, values) of each call, nothing submitted."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_submit(kind: str, values: dict[str, Any], **_: Any) -> dict[str, Any]:
+        calls.append((kind, dict(values)))
+        return {"job_id": "medray-test"}
+
+    monkeypatch.setattr(sdk, "submit", fake_submit)
+    monkeypatch.delenv("MEDRAY_LAKE", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("kind", sorted(JOB_SPECS))
+def test_job_options_take_default_and_help_from_the_spec(kind):
+    spec = JOB_SPECS[kind]
+    command = typer.main.get_command(cli.app).commands[kind]
+    fields = 0
+    for param in command.params:
+        flag = next((o for o in param.opts if o.startswith("--")), None)
+        field = flag[2:].replace("-", "_") if param.param_type_name == "option" else param.name
+        if field not in spec.model_fields or field == "lake":
+            continue
+        fields += 1
+        info = spec.model_fields[field]
+        if info.is_required():
+            assert param.required, (kind, field)
+        else:
+            assert param.default == info.default, (kind, field)
+        assert info.description, (kind, field)
+        if field != "label_names":  # the CLI takes them comma-separated, and says so
+            assert param.help == info.description, (kind, field)
+    assert fields >= 5, kind
+
+
+def test_flags_left_at_their_default_do_not_reach_the_spec(submitted):
+    result = CliRunner().invoke(
+        cli.app, ["train", "-d", "ds", "-m", "m", "--epochs", "3", "--no-augment"]
+    )
+    assert result.exit_code == 0, result.output
+    # --epochs and --no-augment were given; --batch-size, --resume, --arch... were not
+    assert submitted == [("train", {"dataset": "ds", "model": "m", "epochs": 3, "augment": False})]
+
+
+def test_environment_counts_as_given(submitted, tmp_path):
+    result = CliRunner().invoke(
+        cli.app, ["report", "r1", "--n-boot", "10"], env={"MEDRAY_LAKE": str(tmp_path)}
+    )
+    assert result.exit_code == 0, result.output
+    assert submitted == [("report", {"run_id": "r1", "n_boot": 10, "lake": str(tmp_path)})]
+
+
+def test_stage_splits_label_names_and_resolves_local_paths(submitted, tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "stage",
+            "src",
+            "-d",
+            "ds",
+            "--format",
+            "npz",
+            "--label-names",
+            "a,b",
+            "--images-root",
+            "src",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    src = str((tmp_path / "src").resolve())
+    assert submitted == [
+        (
+            "stage",
+            {
+                "source": src,
+                "dataset": "ds",
+                "format": "npz",
+                "label_names": ["a", "b"],
+                "images_root": src,
+            },
+        )
+    ]

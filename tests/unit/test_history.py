@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from medray.cluster.infra import jobs_client
 from medray.cluster.store import history, runs
 from medray.cluster.store.lake import Lake
 from medray.jobs import sdk
@@ -49,7 +50,7 @@ def test_filters_by_dataset_model_run_and_date(lake):
 
 def test_jobs_list_reads_the_lake_without_a_cluster(lake, monkeypatch):
     monkeypatch.setattr(sdk, "resolve_lake", lambda uri: lake)
-    monkeypatch.setattr(sdk.jobs_client, "list_jobs",
+    monkeypatch.setattr(jobs_client, "list_jobs",
                         lambda address: [{"job_id": "medray-train-live", "kind": "train",
                                           "status": "RUNNING"}])
     rows = sdk.jobs_list(None, None, status="failed")

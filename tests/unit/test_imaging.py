@@ -6,6 +6,7 @@ import io
 import struct
 import time
 import zlib
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -31,6 +32,7 @@ from medray.workers.imaging import (
     pixels_from_bytes,
     sniff_format,
 )
+from tests.support.data import TINY_IDAT, png_claiming
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -49,23 +51,12 @@ def quadrant_image(mode: str = "L", size: int = 100) -> Image.Image:
     return img if mode == "L" else img.convert(mode)
 
 
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
 def crafted_png(width: int, height: int) -> bytes:
     """A PNG whose IHDR (valid CRC) claims width x height, with a tiny IDAT."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + png_chunk(b"IEND", b"")
-    )
+    return png_claiming(width, height, TINY_IDAT)
 
 
-def decode(data: bytes, size: int = 32, channels: int = 3, **kwargs: object) -> DecodedImage:
+def decode(data: bytes, size: int = 32, channels: int = 3, **kwargs: Any) -> DecodedImage:
     result = decode_image(data, size=size, channels=channels, **kwargs)
     assert isinstance(result, DecodedImage)
     assert result.pixels.shape == (size, size, channels)

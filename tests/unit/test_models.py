@@ -4,6 +4,7 @@ inference, weight transfer and files, the head/feature split. Real Keras, no Ray
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,7 +91,8 @@ def test_parse_augment_forms():
     assert parse_augment(True) == Augment() == parse_augment("default")
     aug = parse_augment("flip,crop=0.2")
     assert aug == Augment(flip=True, crop=0.2, rotation=0.0, brightness=0.0)
-    assert parse_augment("rotate=0.05").rotation == 0.05
+    rotate = parse_augment("rotate=0.05")
+    assert rotate is not None and rotate.rotation == 0.05
     with pytest.raises(ConfigError, match="unknown transform"):
         parse_augment("flip,blur")
     with pytest.raises(ConfigError, match=r"\[0, 0.5\]"):
@@ -132,27 +134,33 @@ def test_transfer_from_other_labels_keeps_only_the_head():
     assert copied == len(target.weights) - 2  # everything but the Dense kernel and bias
 
 
+def _backbone(model: Any) -> Any:
+    found = backbone_of(model)
+    assert found is not None, "the model has no nested ImageNet backbone"
+    return found
+
+
 def test_transfer_moves_backbone_weights_between_input_sizes():
     source = build_model("mobilenet_v2", 32, 1, 2, False, seed=1)
     target = build_model("mobilenet_v2", 48, 1, 2, False, seed=2)
     copied, skipped = transfer_weights(source, target)
     assert skipped == [] and copied == len(target.weights)
-    np.testing.assert_array_equal(backbone_of(target).get_weights()[0],
-                                  backbone_of(source).get_weights()[0])
+    np.testing.assert_array_equal(_backbone(target).get_weights()[0],
+                                  _backbone(source).get_weights()[0])
 
 
 def test_weights_files_keras_weights_h5_and_backbone_only(tmp_path):
     source = build_model("mobilenet_v2", 32, 1, 2, False, seed=5)
     source.save(tmp_path / "m.keras")
     source.save_weights(tmp_path / "m.weights.h5")
-    backbone_of(source).save_weights(tmp_path / "bb.weights.h5")
-    expected = backbone_of(source).get_weights()[0]
+    _backbone(source).save_weights(tmp_path / "bb.weights.h5")
+    expected = _backbone(source).get_weights()[0]
     for name in ("m.keras", "m.weights.h5", "bb.weights.h5"):
         target = build_model("mobilenet_v2", 32, 1, 2, False, seed=6)
-        assert not np.array_equal(backbone_of(target).get_weights()[0], expected)
+        assert not np.array_equal(_backbone(target).get_weights()[0], expected)
         note = apply_weights_file(target, str(tmp_path / name))
         assert name in note
-        np.testing.assert_array_equal(backbone_of(target).get_weights()[0], expected)
+        np.testing.assert_array_equal(_backbone(target).get_weights()[0], expected)
 
 
 def test_weights_of_another_arch_are_refused(tmp_path):
@@ -186,7 +194,7 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
 
 
 def test_imagenet_without_network_fails_fast_with_the_fix():
-    from medray.cluster.train.job import imagenet_reachable
+    from medray.cluster.train.weights import imagenet_reachable
 
     if imagenet_reachable("mobilenet_v2"):
         pytest.skip("this machine can download ImageNet weights (or has them cached)")

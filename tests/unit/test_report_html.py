@@ -1,5 +1,6 @@
-"""The report's pure aggregation (cluster/report/job.py, no Ray) checked against scikit-learn and
-scipy on the same in-memory predictions, and its HTML rendered in headless Chromium.
+"""The report's pure numbers (workers/run_data.py, evaluation.py, report_tables.py; no Ray)
+checked against scikit-learn and scipy on the same in-memory predictions, and its HTML rendered
+in headless Chromium.
 
 Chromium: Debian package ``chromium`` (``apt-get install -y chromium``); the render test skips
 with a reason when no binary is found.
@@ -23,8 +24,9 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from medray.cluster.report import job as rp
-from medray.workers import metrics, report_html
+from medray.workers import bootstrap, drift, metrics, report_html, report_tables
+from medray.workers import evaluation as ev
+from medray.workers import run_data as rd
 from medray.workers.gradcam import overlay, to_png
 
 LABELS = ["effusion", "nodule"]
@@ -68,12 +70,12 @@ def make_run(seed: int, n_patients: int = 120, per_patient: int = 3, shift: floa
 
 
 def load(preds: pa.Table, keep_all: bool = True, n_files: int = 3,
-         thresholds: list[float] = THRESHOLDS) -> rp.RunData:
+         thresholds: list[float] = THRESHOLDS) -> rd.RunData:
     """Split the table into files, summarize each (as the Ray tasks do), merge out of order."""
     bounds = np.linspace(0, preds.num_rows, n_files + 1).astype(int)
-    parts = [rp.summarize(preds.slice(a, b - a), LABELS, thresholds, keep_all, i)
+    parts = [rd.summarize(preds.slice(a, b - a), LABELS, thresholds, keep_all, i)
              for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
-    return rp.combine(parts[::-1], LABELS, thresholds, keep_all)
+    return rd.combine(parts[::-1], LABELS, thresholds)
 
 
 def truth_of(preds: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -87,10 +89,10 @@ def scores_of(preds: pa.Table, label: str) -> np.ndarray:
     return preds.column(f"score_{label}").to_numpy().astype(np.float64)
 
 
-def report_for(preds: pa.Table, keys: pa.Table | None, n_boot: int = 200, **kw) -> rp.Report:
+def report_for(preds: pa.Table, keys: pa.Table | None, n_boot: int = 200, **kw) -> ev.Report:
     run = load(preds)
-    groups, _ = rp.patient_groups(run.image_id, keys)
-    return rp.build_report(run, groups, n_boot, ["model card"] * 2, **kw)
+    groups, _ = rd.patient_groups(run.image_id, keys)
+    return ev.build_report(run, groups, n_boot, ["model card"] * 2, **kw)
 
 
 # --------------------------------------------------------------------------- vs scikit-learn
@@ -141,7 +143,7 @@ def test_every_metric_matches_sklearn(seed: int) -> None:
         # the plotted curve is sklearn's curve (fewer points than the thinning limit here)
         fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
         plot = report.plots[label]
-        if len(fpr) <= rp.MAX_CURVE_POINTS:
+        if len(fpr) <= ev.MAX_CURVE_POINTS:
             np.testing.assert_allclose(plot["roc"]["x"], fpr, atol=1e-12)
             np.testing.assert_allclose(plot["roc"]["y"], tpr, atol=1e-12)
         assert plot["op"]["tpr"] == row["sensitivity"]
@@ -155,7 +157,7 @@ def test_every_metric_matches_sklearn(seed: int) -> None:
 
 def test_truth_matrix_tells_unknown_from_negative() -> None:
     arr = pa.array([["a", "b"], None, [], ["b", "zzz"]], pa.list_(pa.string()))
-    known, y = rp.truth_matrix(arr, ["a", "b"])
+    known, y = rd.truth_matrix(arr, ["a", "b"])
     assert known.tolist() == [True, False, True, True]
     assert y.tolist() == [[True, True], [False, False], [False, False], [False, True]]
 
@@ -178,7 +180,7 @@ def test_missing_score_column_is_an_input_error() -> None:
     from medray.workers.errors import InputError
 
     with pytest.raises(InputError, match="score_nodule"):
-        rp.summarize(preds.drop_columns(["score_nodule"]), LABELS, THRESHOLDS, False)
+        rd.summarize(preds.drop_columns(["score_nodule"]), LABELS, THRESHOLDS, False)
 
 
 def test_label_without_positives_gives_null_in_json() -> None:
@@ -188,7 +190,7 @@ def test_label_without_positives_gives_null_in_json() -> None:
                                        for t in preds.column("true_labels").to_pylist()],
                                       pa.list_(pa.string())))
     report = report_for(preds, keys, n_boot=50)
-    out = rp.result_metrics(report)
+    out = ev.result_metrics(report)
     text = json.dumps(out, allow_nan=False)  # raises if a NaN slipped through
     assert out["effusion"]["auroc"] is None and out["effusion"]["auroc_lo"] is None
     assert out["effusion"]["positives"] == 0
@@ -200,12 +202,12 @@ def test_tables_keep_their_types_without_ground_truth() -> None:
     """A nightly run (no truth) writes the same column types as an evaluated one."""
     evaluated = report_for(*make_run(5, n_patients=20))
     nightly = report_for(make_run(6, n_patients=20, unknown=1.0)[0], None)
-    a, b = rp._table(evaluated.per_label), rp._table(nightly.per_label)
+    a, b = report_tables.table(evaluated.per_label), report_tables.table(nightly.per_label)
     assert a.schema == b.schema
     assert b.schema.field("auroc").type == pa.float64()
     assert b.schema.field("tp").type == pa.int64()
     assert b.column("auroc").null_count == 2 and b.column("positive_rate").null_count == 0
-    summary = rp._table([{"run_id": "r", "labels": LABELS, "drifted_labels": [],
+    summary = report_tables.table([{"run_id": "r", "labels": LABELS, "drifted_labels": [],
                           "compare": None, "drift_psi": None, "images": 3}])
     assert summary.schema.field("drifted_labels").type == pa.list_(pa.string())
     assert summary.schema.field("compare").type == pa.string()
@@ -214,7 +216,7 @@ def test_tables_keep_their_types_without_ground_truth() -> None:
 def test_empty_run_reports_and_renders() -> None:
     preds, _ = make_run(7, n_patients=1)
     run = load(preds.slice(0, 0), n_files=1)
-    report = rp.build_report(run, None, 100)
+    report = ev.build_report(run, None, 100)
     assert [r["images"] for r in report.per_label] == [0, 0]
     assert all(math.isnan(r["positive_rate"]) for r in report.per_label)
     doc = report_html.document({"run_id": "empty"}, report.per_label, report.plots, None, None)
@@ -236,13 +238,13 @@ def test_patient_bootstrap_known_answer() -> None:
     """Resampling whole patients of identical make-up cannot change any metric: the interval
     collapses to the point (AUROC 3/4, F1 at 0.5 = 1/2), while resampling images varies."""
     y, s, g = _identical_patients(60)
-    by_patient, _ = rp.label_metrics(y, s, 0.5, g, n_boot=300)
+    by_patient, _ = ev.label_metrics(y, s, 0.5, g, n_boot=300)
     assert by_patient["auroc"] == pytest.approx(0.75)
     assert by_patient["auroc_lo"] == pytest.approx(0.75) == by_patient["auroc_hi"]
     assert by_patient["f1"] == pytest.approx(0.5)
     assert by_patient["f1_lo"] == pytest.approx(0.5) == by_patient["f1_hi"]
     assert by_patient["sensitivity_lo"] == pytest.approx(0.5) == by_patient["sensitivity_hi"]
-    by_image, _ = rp.label_metrics(y, s, 0.5, None, n_boot=300)
+    by_image, _ = ev.label_metrics(y, s, 0.5, None, n_boot=300)
     assert by_image["auroc_lo"] < 0.75 < by_image["auroc_hi"]
     assert by_image["f1_lo"] < 0.5 < by_image["f1_hi"]
 
@@ -260,8 +262,8 @@ def test_patient_bootstrap_width_matches_delong_of_one_image_per_patient() -> No
     psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
     var = psi.mean(axis=1).var(ddof=1) / pos.size + psi.mean(axis=0).var(ddof=1) / neg.size
     delong_width = 2 * 1.959964 * math.sqrt(var)
-    by_patient, _ = rp.label_metrics(y, s, 0.5, g, n_boot=2000)
-    by_image, _ = rp.label_metrics(y, s, 0.5, None, n_boot=2000)
+    by_patient, _ = ev.label_metrics(y, s, 0.5, g, n_boot=2000)
+    by_image, _ = ev.label_metrics(y, s, 0.5, None, n_boot=2000)
     w_patient = by_patient["auroc_hi"] - by_patient["auroc_lo"]
     w_image = by_image["auroc_hi"] - by_image["auroc_lo"]
     assert w_patient == pytest.approx(delong_width, rel=0.15)
@@ -269,18 +271,18 @@ def test_patient_bootstrap_width_matches_delong_of_one_image_per_patient() -> No
 
 
 def test_threshold_ci_matches_per_resample_bootstrap() -> None:
-    """The matrix-product bootstrap of F1/sensitivity/... agrees with metrics.bootstrap_ci
+    """The matrix-product bootstrap of F1/sensitivity/... agrees with bootstrap.bootstrap_ci
     calling threshold_metrics once per resample (same distribution, other random draws)."""
     preds, keys = make_run(8, n_patients=150)
     run = load(preds, keep_all=False)
-    groups, _ = rp.patient_groups(run.image_id, keys)
+    groups, _ = rd.patient_groups(run.image_id, keys)
     y, s = run.y[:, 1], run.scores[:, 1].astype(np.float64)
-    fast = rp.threshold_ci(y, s, 0.5, groups, n_boot=4000, seed=1)
+    fast = bootstrap.threshold_ci(y, s, 0.5, groups, n_boot=4000, seed=1)
     for name in ("f1", "sensitivity", "ppv"):
         def fn(yy, ss, name=name):
             return metrics.threshold_metrics(yy, ss, 0.5)[name]
 
-        _, lo, hi = metrics.bootstrap_ci(fn, y, s, groups=groups, n_boot=4000, seed=2)
+        _, lo, hi = bootstrap.bootstrap_ci(fn, y, s, groups=groups, n_boot=4000, seed=2)
         assert fast[name][0] == pytest.approx(lo, abs=0.012), name
         assert fast[name][1] == pytest.approx(hi, abs=0.012), name
 
@@ -288,22 +290,22 @@ def test_threshold_ci_matches_per_resample_bootstrap() -> None:
 def test_patient_groups_and_ci_note() -> None:
     preds, keys = make_run(0, n_patients=10)
     run = load(preds)
-    groups, keyed = rp.patient_groups(run.image_id, keys)
+    groups, keyed = rd.patient_groups(run.image_id, keys)
     assert keyed == 30 and len(set(groups)) == 10
-    unit, note, units = rp.ci_note(groups, "cxr:1")
+    unit, note, units = rd.ci_note(groups, "cxr:1")
     assert (unit, units) == ("patient", 10)
     assert "resample patients (10 patients, 30 images)" in note
-    alone, keyed = rp.patient_groups(run.image_id, None)
+    alone, keyed = rd.patient_groups(run.image_id, None)
     assert keyed == 0 and len(set(alone)) == 30
-    unit, note, units = rp.ci_note(alone, "cxr:1")
+    unit, note, units = rd.ci_note(alone, "cxr:1")
     assert (unit, units) == ("image", 30)
     assert "no patient key" in note and "resample images" in note
-    half, keyed = rp.patient_groups(run.image_id, keys.slice(0, 15))
+    half, keyed = rd.patient_groups(run.image_id, keys.slice(0, 15))
     assert keyed == 15 and len(set(half)) == 5 + 15
-    unit, note, units = rp.ci_note(half, "cxr:1")
+    unit, note, units = rd.ci_note(half, "cxr:1")
     assert (unit, units) == ("patient+image", 20)
     assert "15 of 30 images have no patient key" in note
-    assert rp.ci_note(half[:0], "cxr:1")[0] == "none"
+    assert rd.ci_note(half[:0], "cxr:1")[0] == "none"
 
 
 # --------------------------------------------------------------------------- drift, compare
@@ -314,15 +316,15 @@ def test_drift_flags_the_shifted_label_only() -> None:
     same = load(make_run(11, n_patients=300)[0])
     shifted_preds = make_run(12, n_patients=300, shift=1.5)[0]
     shifted = load(shifted_preds)
-    calm = rp.drift_rows(same, reference, psi_threshold=0.2)
+    calm = ev.drift_rows(same, reference, psi_threshold=0.2)
     assert [r["drifted"] for r in calm] == [False, False]
-    rows = rp.drift_rows(shifted, reference, psi_threshold=0.2)
+    rows = ev.drift_rows(shifted, reference, psi_threshold=0.2)
     assert [r["label"] for r in rows] == LABELS
     assert rows[0]["drifted"] is True and rows[1]["drifted"] is False
     for j, row in enumerate(rows):
         ref_s = reference.scores[:, j].astype(np.float64)
         cur_s = scores_of(shifted_preds, LABELS[j])
-        assert row["psi"] == pytest.approx(metrics.psi(ref_s, cur_s), abs=1e-12)
+        assert row["psi"] == pytest.approx(drift.psi(ref_s, cur_s), abs=1e-12)
         ks = stats.ks_2samp(ref_s, cur_s)
         assert row["ks"] == pytest.approx(ks.statistic, abs=1e-12)
         assert row["ks_pvalue"] == pytest.approx(ks.pvalue, rel=1e-9)
@@ -330,11 +332,11 @@ def test_drift_flags_the_shifted_label_only() -> None:
         assert row["reference_positive_rate"] == pytest.approx(np.mean(ref_s >= THRESHOLDS[j]))
     # a looser threshold on PSI alone does not flag the unshifted run either way
     assert rows[0]["psi"] > 0.2 > calm[0]["psi"]
-    report = rp.build_report(shifted, None, 0, reference=reference)
+    report = ev.build_report(shifted, None, 0, reference=reference)
     assert report.drift is not None and report.drift[0]["drifted"] is True
     assert report.plots["effusion"]["reference_histogram"]["counts"] == \
-        reference.stats[0].histogram(rp.PLOT_BINS)["counts"]
-    assert rp.result_metrics(report)["effusion"]["drifted"] is True
+        reference.stats[0].histogram(ev.PLOT_BINS)["counts"]
+    assert ev.result_metrics(report)["effusion"]["drifted"] is True
 
 
 def test_compare_is_a_paired_auroc_difference_on_shared_images() -> None:
@@ -370,10 +372,22 @@ def test_top_images_highest_first_ties_by_id() -> None:
                       "score_effusion": pa.array([0.9, 0.9, 0.1, 0.5], pa.float32()),
                       "score_nodule": pa.array([0.1, 0.2, 0.3, 0.4], pa.float32())})
     run = load(preds, n_files=2)
-    picks = rp.top_images(run, 2)
+    picks = rd.top_images(run, 2)
     named = [(LABELS[j], rank, run.image_id[row]) for j, rank, row in picks]
     assert named == [("effusion", 1, "a"), ("effusion", 2, "c"),
                      ("nodule", 1, "d"), ("nodule", 2, "b")]
+
+
+def test_prediction_files_map_back_to_their_shards_and_heatmap_paths_are_safe() -> None:
+    from medray.cluster.store import layout
+
+    stem = layout.shard_stem("datasets/cxr/2/shards/part-00003.parquet")
+    for date_dir in ("", "date=2026-03-01/"):
+        assert layout.prediction_stem(layout.run_predictions(date_dir, stem)) == stem
+    assert layout.run_report_heatmap("r1", "Pleural Effusion/x", 3, "ab" * 20) == \
+        "runs/r1/report/heatmaps/Pleural_Effusion_x/03-abababababababab.png"
+    assert layout.run_report_table("r1", "drift") == "runs/r1/report/drift.parquet"
+    assert layout.run_report_commit("r1") == "runs/r1/report/_COMMITTED.json"
 
 
 # --------------------------------------------------------------------------- HTML
@@ -395,10 +409,10 @@ def full_document(with_truth: bool = True) -> dict:
     preds, keys = make_run(30, unknown=0.1 if with_truth else 1.0)
     ref = load(make_run(31, shift=1.0)[0])
     run = load(preds)
-    groups, _ = rp.patient_groups(run.image_id, keys)
-    report = rp.build_report(run, groups, 100, reference=ref,
+    groups, _ = rd.patient_groups(run.image_id, keys)
+    report = ev.build_report(run, groups, 100, reference=ref,
                              compare=load(make_run(30)[0]) if with_truth else None)
-    unit, note, _ = rp.ci_note(groups[run.known], "mem:1")
+    unit, note, _ = rd.ci_note(groups[run.known], "mem:1")
     summary = {"run_id": "run-a", "model": "m", "model_version": 1, "images": run.images,
                "with_truth": run.with_truth, "ci_unit": unit, "ci_note": note,
                "reference": "run-ref", "compare": "run-a" if with_truth else None,

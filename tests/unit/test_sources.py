@@ -3,6 +3,7 @@ shard writer, on real files in a temporary folder."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -16,12 +17,14 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medray.cluster.stage import sources
-from medray.cluster.stage.job import ShardWriter
+from medray.cluster.stage import csv_source, listing, npz_source, pipeline, remote, sources
+from medray.cluster.stage.writer import ShardWriter
+from medray.cluster.store import layout
 from medray.cluster.store.lake import Lake
-from medray.workers.errors import ConfigError
+from medray.workers.errors import ConfigError, NotFoundError
 from medray.workers.shards import SHARD_SCHEMA, split_for
-from tests.conftest import bomb_png
+from medray.workers.specs import StageSpec
+from tests.support.data import bomb_png
 
 
 def _png(path: Path, value: int = 0, size: int = 16, mode: str = "L") -> Path:
@@ -36,15 +39,16 @@ def _rel(items: list[dict], root: Path) -> dict[str, dict]:
     return {it["uri"][len(str(root)) + 1:]: it for it in items}
 
 
-def _options(**kw) -> dict:
-    base = {"image_size": 16, "channels": 1, "keep_original": False, "max_pixels": 50_000_000,
-            "val_percent": 10.0, "test_percent": 10.0, "label_names": [], "multi_label": False}
-    return {**base, **kw}
+def _spec(source: str = "/src", **kw) -> StageSpec:
+    return StageSpec(source=source, dataset="d", **kw)
 
 
-def _decode(items: list[dict], **kw) -> list[dict]:
-    decoder = sources.BatchDecoder(_options(**kw))
-    return decoder(sources.items_table(items)).to_pylist()
+def _decode(items: list[dict], label_names: tuple[str, ...] = (), multi_label: bool = False,
+            known: np.ndarray | None = None, **spec) -> list[dict]:
+    options = remote.DecodeOptions(label_names=tuple(label_names), multi_label=multi_label,
+                                   known=known)
+    decoder = remote.BatchDecoder(_spec(image_size=16, **spec), options)
+    return decoder(listing.items_table(items)).to_pylist()
 
 
 # ---------------------------------------------------------------------------- folder listing
@@ -59,9 +63,9 @@ def test_label_folders_hidden_sidecars_and_stray_files(tmp_path):
     (tmp_path / "NORMAL" / "notes.txt").write_text("x")
     (tmp_path / "NORMAL" / "scan.nii").write_bytes(b"x")
     _png(tmp_path / "stray.png")
-    fmt, items, info = sources.folder_items(str(tmp_path))
-    assert fmt == "folder" and not info["has_splits"]
-    by = _rel(items, tmp_path)
+    tree = listing.folder_items(str(tmp_path))
+    assert tree.format == "folder" and not tree.has_splits
+    by = _rel(tree.items, tmp_path)
     assert set(by) == {"NORMAL/a.png", "PNEUMONIA/b.jpeg", "PNEUMONIA/sub/c.png",
                        "NORMAL/scan.nii", "stray.png"}
     assert by["NORMAL/a.png"]["labels"] == ["NORMAL"]
@@ -69,32 +73,32 @@ def test_label_folders_hidden_sidecars_and_stray_files(tmp_path):
     assert by["NORMAL/scan.nii"]["error_type"] == "unsupported"
     assert by["stray.png"]["error_type"] == "no_label"
     assert not by["NORMAL/a.png"].get("error_type")
-    assert sorted(info["skipped"]) == ["NORMAL/notes.txt", "README.md"]
+    assert sorted(tree.skipped) == ["NORMAL/notes.txt", "README.md"]
 
 
 def test_top_level_split_folders_are_splits(tmp_path):
     for split, label in [("train", "cat"), ("val", "cat"), ("test", "dog")]:
         _png(tmp_path / split / label / f"{split}.png")
-    _, items, info = sources.folder_items(str(tmp_path))
-    assert info["has_splits"]
-    got = {tuple(it["labels"]): it["split"] for it in items}
-    assert {it["split"] for it in items} == {"train", "val", "test"}
+    tree = listing.folder_items(str(tmp_path))
+    assert tree.has_splits
+    got = {tuple(it["labels"]): it["split"] for it in tree.items}
+    assert {it["split"] for it in tree.items} == {"train", "val", "test"}
     assert got[("dog",)] == "test"
 
 
 def test_a_class_named_test_beside_others_is_a_label(tmp_path):
     _png(tmp_path / "test" / "a.png")
     _png(tmp_path / "other" / "b.png")
-    _, items, info = sources.folder_items(str(tmp_path))
-    assert not info["has_splits"]
-    assert {it["labels"][0] for it in items} == {"test", "other"}
-    assert all(it["split"] is None for it in items)
+    tree = listing.folder_items(str(tmp_path))
+    assert not tree.has_splits
+    assert {it["labels"][0] for it in tree.items} == {"test", "other"}
+    assert all(it["split"] is None for it in tree.items)
 
 
 def test_flat_folder_stages_with_unknown_labels(tmp_path):
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png", 1)
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     assert [it["labels"] for it in items] == [None, None]
     assert not any(it.get("error_type") for it in items)
 
@@ -102,7 +106,7 @@ def test_flat_folder_stages_with_unknown_labels(tmp_path):
 def test_label_names_flag_rejects_other_folders(tmp_path):
     _png(tmp_path / "a" / "1.png")
     _png(tmp_path / "b" / "2.png")
-    _, items, _ = sources.folder_items(str(tmp_path), label_names=["a"])
+    items = listing.folder_items(str(tmp_path), label_names=["a"]).items
     assert [it.get("error_type") for it in _rel(items, tmp_path).values()] == [
         None, "unknown_label"]
 
@@ -112,7 +116,7 @@ def test_symlink_loops_are_not_followed_and_fifos_left_out(tmp_path):
     os.symlink("..", tmp_path / "a" / "loop")
     os.mkfifo(tmp_path / "a" / "pipe.png")  # reading it would block forever
     os.symlink("nowhere.png", tmp_path / "a" / "dangling.png")
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     by = _rel(items, tmp_path)
     assert set(by) == {"a/x.png", "a/dangling.png"}
     assert by["a/dangling.png"]["error_type"] == "unreadable"
@@ -120,7 +124,7 @@ def test_symlink_loops_are_not_followed_and_fifos_left_out(tmp_path):
 
 def test_a_file_swapped_for_a_fifo_after_listing_does_not_block(tmp_path):
     path = _png(tmp_path / "a" / "x.png")
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     path.unlink()
     os.mkfifo(path)  # no writer: a blocking open or read would wait forever
     row = _decode(items)[0]
@@ -132,13 +136,14 @@ def test_dicom_folders_are_detected_and_deep_trees_give_no_labels(tmp_path):
     for rel in ("p1/study/series/1.dcm", "p1/study/series/2.dcm", "p2/s/t/3"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(Path(ct).read_bytes())
-    fmt, items, _ = sources.folder_items(str(tmp_path))
-    assert fmt == "dicom"
+    tree = listing.folder_items(str(tmp_path))
+    assert tree.format == "dicom"
+    items = tree.items
     assert len(items) == 3
     # patient/study/series folders are not labels (their names can be identifying)
     assert all(it["labels"] is None and not it.get("error_type") for it in items)
-    listing = sources.list_source({"source": str(tmp_path), "format": "auto"})
-    assert listing.format == "dicom" and listing.label_names == []
+    listed = sources.list_source(_spec(str(tmp_path)))
+    assert listed.format == "dicom" and listed.label_names == []
 
 
 def test_dicom_label_folders_give_labels(tmp_path):
@@ -146,49 +151,52 @@ def test_dicom_label_folders_give_labels(tmp_path):
     for rel in ("ct/a.dcm", "mr/b.dcm"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(ct)
-    fmt, items, _ = sources.folder_items(str(tmp_path))
-    assert fmt == "dicom"
-    assert sorted(it["labels"][0] for it in items) == ["ct", "mr"]
+    tree = listing.folder_items(str(tmp_path))
+    assert tree.format == "dicom"
+    assert sorted(it["labels"][0] for it in tree.items) == ["ct", "mr"]
 
 
 def test_a_single_dicom_file_is_a_source(tmp_path):
     path = tmp_path / "one.dcm"
     path.write_bytes(Path(get_testdata_file("MR_small.dcm")).read_bytes())
-    listing = sources.list_source({"source": str(path), "format": "auto"})
-    assert listing.format == "dicom" and listing.inputs == 1
-    assert listing.items.column("uri").to_pylist() == [str(path)]
-    assert listing.items.column("labels").to_pylist() == [None]
+    listed = sources.list_source(_spec(str(path)))
+    assert listed.format == "dicom" and listed.inputs == 1
+    assert listed.items.column("uri").to_pylist() == [str(path)]
+    assert listed.items.column("labels").to_pylist() == [None]
 
 
 def test_detect_format_by_name_and_missing_source(tmp_path):
-    assert sources.detect_format(str(tmp_path / "x.npz")) == "npz"
-    assert sources.detect_format(str(tmp_path / "Data_Entry_2017.csv")) == "csv"
-    assert sources.detect_format(str(tmp_path / "a.tsv")) == "csv"
-    assert sources.detect_format(str(tmp_path / "a.dcm")) == "dicom"
-    with pytest.raises(ConfigError, match="source not found"):
-        sources.detect_format(str(tmp_path / "nothing"))
+    assert listing.detect_format(str(tmp_path / "x.npz")) == "npz"
+    assert listing.detect_format(str(tmp_path / "Data_Entry_2017.csv")) == "csv"
+    assert listing.detect_format(str(tmp_path / "a.tsv")) == "csv"
+    assert listing.detect_format(str(tmp_path / "a.dcm")) == "dicom"
+    with pytest.raises(NotFoundError, match="source not found"):
+        listing.detect_format(str(tmp_path / "nothing"))
+    (tmp_path / "scan.nii").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="pass --format"):
+        listing.detect_format(str(tmp_path / "scan.nii"))
 
 
 # ---------------------------------------------------------------------------- CSV manifests
 def test_parse_labels_separator_and_no_finding():
-    assert sources.parse_labels("Effusion|Atelectasis", "|", "No Finding") == [
+    assert csv_source.parse_labels("Effusion|Atelectasis", "|", "No Finding") == [
         "Atelectasis", "Effusion"]
-    assert sources.parse_labels("No Finding", "|", "No Finding") == []
-    assert sources.parse_labels(" Mass ", "|", "No Finding") == ["Mass"]
-    assert sources.parse_labels("", "|", "No Finding") is None
-    assert sources.parse_labels("a;b", ";", None) == ["a", "b"]
+    assert csv_source.parse_labels("No Finding", "|", "No Finding") == []
+    assert csv_source.parse_labels(" Mass ", "|", "No Finding") == ["Mass"]
+    assert csv_source.parse_labels("", "|", "No Finding") is None
+    assert csv_source.parse_labels("a;b", ";", None) == ["a", "b"]
 
 
 @pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../x.png",
                                  "C:\\images\\x.png", "s3://other/x.png", ""])
 def test_resolve_under_refuses_paths_that_leave_the_root(rel):
-    assert sources.resolve_under("/data/images", rel) is None
+    assert csv_source.resolve_under("/data/images", rel) is None
 
 
 def test_resolve_under_keeps_paths_inside():
-    assert sources.resolve_under("/data/images", "a/./b/../x.png") == "/data/images/a/x.png"
-    assert sources.resolve_under("bucket/prefix", "x.png") == "bucket/prefix/x.png"
-    assert sources.resolve_under("/data/images", "sub\\x.png") == "/data/images/sub/x.png"
+    assert csv_source.resolve_under("/data/images", "a/./b/../x.png") == "/data/images/a/x.png"
+    assert csv_source.resolve_under("bucket/prefix", "x.png") == "bucket/prefix/x.png"
+    assert csv_source.resolve_under("/data/images", "sub\\x.png") == "/data/images/sub/x.png"
 
 
 def _chestxray(tmp_path: Path) -> Path:
@@ -215,8 +223,7 @@ def _chestxray(tmp_path: Path) -> Path:
 
 def test_csv_manifest_like_chestxray14(tmp_path):
     root = _chestxray(tmp_path)
-    items = sources.csv_items(str(root / "Data_Entry_2017.csv"), "Image Index",
-                              "Finding Labels", "|", "No Finding", "Patient ID")
+    items = csv_source.csv_items(_spec(str(root / "Data_Entry_2017.csv")))
     assert len(items) == 9
     first, second, third, up, absolute, passwd, missing, ambiguous, unlabeled = items
     assert first["uri"].endswith("images_001/images/00000001_000.png")  # found by name
@@ -236,35 +243,36 @@ def test_csv_images_root_tsv_and_bad_columns(tmp_path):
     _png(images / "x.png")
     tsv = tmp_path / "labels.tsv"
     tsv.write_text("file\tfinding\nx.png\tA;B\n")
-    items = sources.csv_items(str(tsv), "file", "finding", ";", "No Finding", "Patient ID",
-                              images_root=str(images))
+    items = csv_source.csv_items(_spec(str(tsv), path_column="file", label_column="finding",
+                                       label_sep=";", images_root=str(images)))
     assert items[0]["labels"] == ["A", "B"] and not items[0].get("error_type")
     assert items[0]["patient_key"] == "name:x"  # no patient column: file name grouping
     with pytest.raises(ConfigError, match="did you mean 'finding'"):
-        sources.csv_items(str(tsv), "file", "findings", ";", None, None, str(images))
+        csv_source.csv_items(_spec(str(tsv), path_column="file", label_column="findings",
+                                   images_root=str(images)))
     with pytest.raises(ConfigError, match="patient column 'pid'"):
-        sources.csv_items(str(tsv), "file", "finding", ";", None, "pid", str(images))
+        csv_source.csv_items(_spec(str(tsv), path_column="file", label_column="finding",
+                                   patient_column="pid", images_root=str(images)))
 
 
 def test_csv_single_label_column_is_not_multi_label(tmp_path):
     _png(tmp_path / "a.png")
     _png(tmp_path / "b.png", 1)
     (tmp_path / "m.csv").write_text("path,label\na.png,cat\nb.png,dog\n")
-    spec = {"source": str(tmp_path / "m.csv"), "format": "auto", "path_column": "path",
-            "label_column": "label", "label_sep": "|", "no_finding": "No Finding",
-            "patient_column": None}
-    listing = sources.list_source(spec)
-    assert listing.format == "csv" and not listing.multi_label
-    assert listing.label_names == ["cat", "dog"]
+    spec = _spec(str(tmp_path / "m.csv"), path_column="path", label_column="label",
+                 patient_column=None)
+    listed = sources.list_source(spec)
+    assert listed.format == "csv" and not listed.multi_label
+    assert listed.label_names == ["cat", "dog"]
 
 
 # ---------------------------------------------------------------------------- splits
 def test_split_is_deterministic_by_patient_key():
     keys = [f"csv:{i}" for i in range(400)]
-    first = [sources.raw_split(None, k, 20, 20) for k in keys]
-    assert first == [sources.raw_split(None, k, 20, 20) for k in keys]
+    first = [remote.raw_split(None, k, 20, 20) for k in keys]
+    assert first == [remote.raw_split(None, k, 20, 20) for k in keys]
     assert set(first) == {"train", "val", "test"}
-    assert sources.raw_split("test", "csv:1", 20, 20) == "test"  # the source's split wins
+    assert remote.raw_split("test", "csv:1", 20, 20) == "test"  # the source's split wins
     shares = {s: first.count(s) / len(first) for s in set(first)}
     assert 0.1 < shares["val"] < 0.3 and 0.1 < shares["test"] < 0.3
 
@@ -274,7 +282,7 @@ def test_nohash_files_of_one_subject_share_a_split(tmp_path):
     for i in range(40):
         _png(tmp_path / "yes" / f"spk{i}_nohash_0.png", i)
         _png(tmp_path / "no" / f"spk{i}_nohash_1.png", 100 + i)
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     rows = _decode(items, val_percent=30.0, test_percent=30.0)
     by_subject: dict[str, set[str]] = {}
     for row in rows:
@@ -299,7 +307,7 @@ def test_dicom_patient_id_groups_splits_and_is_never_stored(tmp_path):
         for k in range(2):
             files.append(_dicom_with("MR_small.dcm", tmp_path / f"f{p}_{k}.dcm",
                                      PatientID=f"ZZPID{p:04d}", InstanceNumber=k + 1))
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     rows = _decode(items, val_percent=30.0, test_percent=30.0)
     assert not any(r["_error_type"] for r in rows)
     by_patient: dict[str, set[tuple[str, str]]] = {}
@@ -324,7 +332,7 @@ def test_bad_inputs_become_error_rows(tmp_path):
     bomb_png(tmp_path / "l" / "bomb.png")
     rtdose = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # 15 frames
     (tmp_path / "l" / "cine.dcm").write_bytes(rtdose)
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     rows = {Path(r["source_uri"]).name: r for r in _decode(items)}
     assert rows["good.png"]["_error_type"] is None
     assert rows["good.png"]["image_id"] == hashlib.sha256(good.read_bytes()).hexdigest()
@@ -339,10 +347,10 @@ def test_oversized_file_is_refused_before_reading(tmp_path):
     big = tmp_path / "a" / "huge.png"
     big.parent.mkdir()
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 2_000_000)
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     max_pixels = 1000
-    assert sources.max_file_bytes(max_pixels) < 2_000_000 + sources.max_file_bytes(0)
-    items[0]["size"] = sources.max_file_bytes(max_pixels) + 1
+    assert remote.max_file_bytes(max_pixels) < 2_000_000 + remote.max_file_bytes(0)
+    items[0]["size"] = remote.max_file_bytes(max_pixels) + 1
     row = _decode(items, max_pixels=max_pixels)[0]
     assert row["_error_type"] == "too_large" and row["_stage"] == "read"
 
@@ -351,7 +359,7 @@ def test_known_images_are_not_decoded_again(tmp_path):
     a = _png(tmp_path / "l" / "a.png", 1)
     _png(tmp_path / "l" / "b.png", 2)
     known = np.sort(np.array([hashlib.sha256(a.read_bytes()).digest()], dtype="S32"))
-    _, items, _ = sources.folder_items(str(tmp_path))
+    items = listing.folder_items(str(tmp_path)).items
     rows = {Path(r["source_uri"]).name: r for r in _decode(items, known=known)}
     assert rows["a.png"]["_known"] and rows["a.png"]["pixels"] == b""
     assert not rows["b.png"]["_known"] and len(rows["b.png"]["pixels"]) == 256
@@ -360,7 +368,7 @@ def test_known_images_are_not_decoded_again(tmp_path):
 def test_keep_original_stores_deidentified_dicom(tmp_path):
     path = _dicom_with("CT_small.dcm", tmp_path / "x" / "a.dcm", PatientName="ZZNAME^PHI",
                        InstitutionName="ZZ PHI HOSPITAL", AccessionNumber="ZZACC991")
-    row = _decode(sources.folder_items(str(tmp_path))[1], keep_original=True)[0]
+    row = _decode(listing.folder_items(str(tmp_path)).items, keep_original=True)[0]
     assert row["_error_type"] is None
     assert row["image_id"] == hashlib.sha256(path.read_bytes()).hexdigest()
     for marker in (b"ZZNAME", b"ZZ PHI HOSPITAL", b"ZZACC991", b"1CT1", b"20040119"):
@@ -377,10 +385,11 @@ def test_npz_is_streamed_with_labels_and_splits(tmp_path):
                         train_labels=rng.integers(0, 3, (700, 1)),
                         test_images=rng.integers(0, 255, (5, 8, 8), dtype=np.uint8),
                         test_labels=np.array([[0], [1], [2], [1], [7]]))
-    members, total, names, multi, has_splits = sources.npz_plan(str(path), ["a", "b", "c", "d",
-                                                                            "e", "f", "g", "h"])
-    assert total == 705 and not multi and has_splits and len(members) == 2
-    tables = list(sources.read_npz_member(pa.Table.from_pylist(members)))
+    listed = npz_source.npz_listing(str(path), ["a", "b", "c", "d", "e", "f", "g", "h"])
+    names = listed.label_names
+    assert listed.inputs == 705 and not listed.multi_label and listed.has_splits
+    assert listed.items.num_rows == 2
+    tables = list(remote.read_npz_member(listed.items))
     assert [t.num_rows for t in tables] == [5, 512, 188]  # test first (sorted), then chunks
     rows = _decode(pa.concat_tables(tables).to_pylist(), label_names=names)
     assert [r["split"] for r in rows[:5]] == ["test"] * 5
@@ -391,16 +400,17 @@ def test_npz_is_streamed_with_labels_and_splits(tmp_path):
     assert rows[5]["source_uri"].endswith("#train_images/0")
     assert rows[5]["labels"] == [names[int(d["train_labels"][0, 0])]]
     with pytest.raises(ConfigError, match="3 names"):
-        sources.npz_plan(str(path), ["a", "b", "c"])
+        npz_source.npz_listing(str(path), ["a", "b", "c"])
 
 
 def test_npz_multi_label(tmp_path):
     path = tmp_path / "chest.npz"
     np.savez(path, val_images=np.zeros((3, 4, 4), np.uint8),
              val_labels=np.array([[1, 0, 1], [0, 0, 0], [0, 1, 0]]))
-    members, _, names, multi, _ = sources.npz_plan(str(path), None)
-    assert multi and names == ["0", "1", "2"]
-    table = pa.concat_tables(list(sources.read_npz_member(pa.Table.from_pylist(members))))
+    listed = npz_source.npz_listing(str(path), None)
+    names = listed.label_names
+    assert listed.multi_label and names == ["0", "1", "2"]
+    table = pa.concat_tables(list(remote.read_npz_member(listed.items)))
     rows = _decode(table.to_pylist(), label_names=names, multi_label=True)
     assert [r["labels"] for r in rows] == [["0", "2"], [], ["1"]]
 
@@ -421,7 +431,7 @@ def _rows(n: int, seed: int = 0, side: int = 64) -> pa.Table:
 def test_shard_writer_balances_and_checksums(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     target = 200_000
-    writer = ShardWriter(lake, "d/1/shards", "t", target)
+    writer = ShardWriter(lake, functools.partial(layout.shard, "d", 1), "t", target)
     batches = [_rows(50, s) for s in range(20)]
     total = sum(b.nbytes for b in batches)
     for i, b in enumerate(batches):
@@ -444,7 +454,7 @@ def test_shard_writer_balances_and_checksums(tmp_path):
 
 def test_shard_writer_merges_a_small_tail(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    writer = ShardWriter(lake, "d/1/shards", "t", 150_000)
+    writer = ShardWriter(lake, functools.partial(layout.shard, "d", 1), "t", 150_000)
     # the caller expected far more rows than came: without the merge the tail would be tiny
     for s in range(8):
         writer.add(_rows(50, s), more_bytes=10_000_000)
@@ -452,22 +462,22 @@ def test_shard_writer_merges_a_small_tail(tmp_path):
     shards = writer.close()
     rows = [s["rows"] for s in shards]
     assert sum(rows) == 402 and min(rows) > 20
-    assert len(lake.list_files("d/1/shards")) == len(shards)
+    assert len(lake.list_files("datasets/d/1/shards")) == len(shards)
 
 
 def test_items_per_block_balances_size_and_workers():
     row = 128 * 128 + 512  # a gray 128 px image
     # 2000 images on 2 workers: 16 blocks (8 per worker), not 63 tiny ones of a batch each
-    assert sources.items_per_block(2_000, 32, 2, row) == 125
+    assert pipeline.items_per_block(2_000, 32, 2, row) == 125
     # 20000 images: blocks of about BLOCK_BYTES of output, so memory does not grow with them
-    assert sources.items_per_block(20_000, 32, 2, row) == sources.BLOCK_BYTES // row
-    assert sources.items_per_block(200_000, 32, 2, row) == sources.BLOCK_BYTES // row
+    assert pipeline.items_per_block(20_000, 32, 2, row) == pipeline.BLOCK_BYTES // row
+    assert pipeline.items_per_block(200_000, 32, 2, row) == pipeline.BLOCK_BYTES // row
     # large rows (kept originals): about BLOCK_BYTES of output per block, never under a batch
-    assert sources.items_per_block(20_000, 8, 2, 1e6) == sources.BLOCK_BYTES // 1e6
-    assert sources.items_per_block(20_000, 64, 2, 1e7) == 64
-    assert sources.items_per_block(10, 32, 2, 100) == 32  # a tiny job: one block
+    assert pipeline.items_per_block(20_000, 8, 2, 1e6) == pipeline.BLOCK_BYTES // 1e6
+    assert pipeline.items_per_block(20_000, 64, 2, 1e7) == 64
+    assert pipeline.items_per_block(10, 32, 2, 100) == 32  # a tiny job: one block
 
 
 def test_split_for_matches_the_shared_rule():
     # the decoder's split must be the lake-wide rule, so other tools can recompute it
-    assert sources.raw_split(None, "csv:7", 10, 10) == split_for("csv:7", 10, 10)
+    assert remote.raw_split(None, "csv:7", 10, 10) == split_for("csv:7", 10, 10)

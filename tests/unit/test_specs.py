@@ -6,11 +6,12 @@ import pytest
 
 from medray.jobs.specfile import load_spec_file
 from medray.workers.errors import ConfigError
-from medray.workers.specs import build_spec
+from medray.workers.specs import ReportSpec, ScoreSpec, build_spec
 
 
 def test_defaults_fill_in():
     spec = build_spec("score", {"dataset": "d", "model": "m"})
+    assert isinstance(spec, ScoreSpec)
     assert spec.actors == 1 and spec.batch_size == 256 and spec.split is None
 
 
@@ -35,6 +36,7 @@ def test_bad_values_are_config_errors(kind, values, needle):
 
 def test_spec_is_frozen():
     spec = build_spec("report", {"run_id": "r1"})
+    assert isinstance(spec, ReportSpec)
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises its own ValidationError
         spec.run_id = "other"  # type: ignore[misc]
 

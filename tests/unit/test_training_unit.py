@@ -257,7 +257,7 @@ def _shard(lake, rel: str, rows: list[tuple[str, list[str] | None]]) -> None:
 
 def test_readers_keep_one_split_with_known_labels(tmp_path):
     from medray.cluster.store.lake import Lake
-    from medray.cluster.train.job import count_rows, read_images
+    from medray.cluster.train.data import RowCounts, count_rows, read_images
 
     lake = Lake(str(tmp_path / "lake"))
     rows = [("train", ["a"]), ("train", ["b"]), ("val", ["a"]), ("train", None),
@@ -272,80 +272,92 @@ def test_readers_keep_one_split_with_known_labels(tmp_path):
     assert got == {0: (1.0, 0.0), 1: (0.0, 1.0), 4: (1.0, 1.0)}
     counts = count_rows(lake, {"shards": [{"path": "datasets/d/1/shards/part-00000.parquet"}]},
                         ["a", "b"])
-    assert counts == {"splits": {"train": 3, "val": 1, "test": 1},
-                      "positives": {"a": 2, "b": 2}}
+    assert counts == RowCounts({"train": 3, "val": 1, "test": 1}, {"a": 2, "b": 2})
+    assert (counts.train, counts.val_split) == (3, "val")
+    assert RowCounts({"train": 3, "test": 1}, {}).val_split == "test"
 
 
 def test_training_ids_resume_and_refusals(tmp_path):
     from medray.cluster.store.lake import Lake
-    from medray.cluster.train.job import choose_training
+    from medray.cluster.train.checkpoints import choose_training
+    from medray.workers.specs import TrainSpec
 
     lake = Lake(str(tmp_path / "lake"))
-    spec = {"model": "m", "resume": False, "run_id": None}
+    spec = TrainSpec(dataset="d", model="m")
+    resume = spec.model_copy(update={"resume": True})
     with pytest.raises(ConfigError, match="--run-id"):
-        choose_training(lake, {**spec, "resume": True}, "job0")
+        choose_training(lake, resume, "job0")
     fresh, started = choose_training(lake, spec, "job1")
     assert fresh.startswith("m-") and not started
-    assert choose_training(lake, {**spec, "resume": True}, "job2") == (fresh, False)
+    assert choose_training(lake, resume, "job2") == (fresh, False)
     lake.write_json(f"models/m/_training/{fresh}/checkpoints/latest.json", {"epoch": 1})
-    assert choose_training(lake, {**spec, "resume": True}, "job3") == (fresh, True)
-    named = {**spec, "run_id": fresh}
+    assert choose_training(lake, resume, "job3") == (fresh, True)
+    assert lake.read_json("models/m/_training/latest.json")["job_id"] == "job3"
+    named = spec.model_copy(update={"run_id": fresh})
     with pytest.raises(ConfigError, match="add --resume"):
         choose_training(lake, named, "job4")
-    assert choose_training(lake, {**named, "resume": True}, "job5") == (fresh, True)
-    assert choose_training(lake, {**spec, "run_id": "new-id"}, "job6") == ("new-id", False)
+    assert choose_training(lake, resume.model_copy(update={"run_id": fresh}), "job5") == (
+        fresh, True)
+    assert choose_training(lake, spec.model_copy(update={"run_id": "new-id"}), "job6") == (
+        "new-id", False)
 
 
 def test_resume_must_be_the_same_model_but_may_change_schedules():
-    from medray.cluster.train.job import _check_resume
+    from medray.cluster.train.checkpoints import check_resume
 
     saved = {"arch": "small_cnn", "mode": "full", "weights": "none", "augment": False,
              "dataset_version": 1, "labels": ["a"], "epochs": 12, "learning_rate": 0.002}
-    assert _check_resume(saved, {**saved, "epochs": 20}, "t") == ["epochs"]
+    assert check_resume(saved, {**saved, "epochs": 20}, "t") == ["epochs"]
     with pytest.raises(ConfigError, match="arch"):
-        _check_resume(saved, {**saved, "arch": "densenet121"}, "t")
+        check_resume(saved, {**saved, "arch": "densenet121"}, "t")
     with pytest.raises(ConfigError, match="dataset_version"):
-        _check_resume(saved, {**saved, "dataset_version": 2}, "t")
+        check_resume(saved, {**saved, "dataset_version": 2}, "t")
 
 
 def test_weights_references_resolve_or_say_what_to_pass(tmp_path):
     import hashlib
 
     from medray.cluster.store.lake import Lake
-    from medray.cluster.train.job import precheck, resolve_weights
+    from medray.cluster.train.precheck import check
+    from medray.cluster.train.weights import resolve_weights
     from medray.workers.errors import NotFoundError
+    from medray.workers.specs import TrainSpec
 
     lake = Lake(str(tmp_path / "lake"))
     local = tmp_path / "w.keras"
     local.write_bytes(b"pretend model")
-    init = resolve_weights(lake, {"weights": str(local)}, "models/m/_training/t")
+    init = resolve_weights(lake, str(local), "m", "t")
     assert init.kind == "file" and init.path == "models/m/_training/t/init/w.keras"
     assert init.identity == "file:" + hashlib.sha256(b"pretend model").hexdigest()
     assert lake.read_bytes(init.path) == b"pretend model"
     local.unlink()  # a resumed training still finds the copy it uploaded
-    assert resolve_weights(lake, {"weights": str(local)}, "models/m/_training/t") == init
+    assert resolve_weights(lake, str(local), "m", "t") == init
     lake.write_bytes("shared/w.weights.h5", b"w")
-    assert resolve_weights(lake, {"weights": "shared/w.weights.h5"}, None).path == (
+    assert resolve_weights(lake, "shared/w.weights.h5", "m", None).path == (
         "shared/w.weights.h5")
     with pytest.raises(NotFoundError, match="no such file"):
-        resolve_weights(lake, {"weights": "missing/w.keras"}, None)
+        resolve_weights(lake, "missing/w.keras", "m", None)
     with pytest.raises(NotFoundError, match="no model 'other'"):
-        resolve_weights(lake, {"weights": "other:3"}, None)
-    assert resolve_weights(lake, {"weights": "none"}, None).identity == "none"
+        resolve_weights(lake, "other:3", "m", None)
+    assert resolve_weights(lake, "none", "m", None).identity == "none"
 
     lake.write_json("datasets/d/1/manifest.json", {"image_size": 28, "labels": ["a"]})
     with pytest.raises(ConfigError, match="small_cnn has no pretrained"):
-        precheck({"dataset": "d", "arch": "small_cnn", "weights": "imagenet", "model": "m"},
-                 lake)
+        check(TrainSpec(dataset="d", model="m", arch="small_cnn", weights="imagenet"), lake)
     with pytest.raises(ConfigError, match="at least 32px"):
-        precheck({"dataset": "d", "arch": "densenet121", "weights": "none", "model": "m"}, lake)
+        check(TrainSpec(dataset="d", model="m", arch="densenet121"), lake)
+    lake.write_json("models/m/_training/t/checkpoints/latest.json", {"epoch": 1})
+    with pytest.raises(ConfigError, match="add --resume"):
+        check(TrainSpec(dataset="d", model="m", run_id="t"), lake)
+    check(TrainSpec(dataset="d", model="m", run_id="t", resume=True), lake)
 
 
 def test_feature_files_follow_their_shard():
-    from medray.cluster.train.job import feature_file
+    from medray.cluster.store.layout import feature_file, feature_marker
 
-    assert feature_file("mobilenet_v2-abc", "datasets/cxr/2/shards/part-00003.parquet") == (
-        "features/mobilenet_v2-abc/cxr/2/part-00003.parquet")
+    path = feature_file("mobilenet_v2-abc", "datasets/cxr/2/shards/part-00003.parquet")
+    assert path == "features/mobilenet_v2-abc/cxr/2/part-00003.parquet"
+    assert feature_marker(path) == "features/mobilenet_v2-abc/cxr/2/part-00003.json"
 
 
 def test_a_workers_bad_input_surfaces_from_ray_train_wrappers():
@@ -359,3 +371,30 @@ def test_a_workers_bad_input_surfaces_from_ray_train_wrappers():
     assert _unwrap(wrapped) is bad
     plain = RuntimeError("boom")
     assert _unwrap(plain) is plain
+
+
+def test_the_plan_travels_whole_to_the_workers():
+    import cloudpickle
+
+    from medray.cluster.train.plan import PLAN, DatasetFacts, TrainPlan
+    from medray.cluster.train.weights import InitWeights, ModelShape
+    from medray.workers.specs import TrainSpec
+
+    spec = TrainSpec(dataset="d:2", model="m", arch="mobilenet_v2", mode="head", seed=7)
+    facts = DatasetFacts.from_manifest("d", 2, {"labels": ["a", "b"], "multi_label": True,
+                                                 "image_size": 32, "channels": 1})
+    plan = TrainPlan(spec=spec, lake_uri="/lake", job_id="j1", train_id="t1", data=facts,
+                     train_rows=100, val_split="val", init=InitWeights("none", "none"),
+                     class_weights=((0.9, 0.8), (0.1, 0.2)), feature_dim=1280)
+    # Ray Train pickles train_loop_config to every worker: the plan comes back equal and frozen
+    back = cloudpickle.loads(cloudpickle.dumps({PLAN: plan}))[PLAN]
+    assert back == plan and back.spec == spec
+    assert back.run_dir == "models/m/_training/t1" and back.cached and back.augment is None
+    assert back.shape == ModelShape("mobilenet_v2", 32, 1, 2, True, 7)
+    with pytest.raises(AttributeError):
+        back.train_id = "other"
+    # spec.json: every spec field, the dataset reference resolved, and the dataset's facts
+    described = facts.describe(spec)
+    assert described == {**spec.model_dump(), "dataset": "d", "dataset_version": 2,
+                         "labels": ["a", "b"], "multi_label": True, "image_size": 32,
+                         "channels": 1}

@@ -1,10 +1,11 @@
-"""Shared pieces of the fault and security suites.
+"""Shared pieces of the fault and security suites (``from tests.support import faults as h``).
 
 - a tiny stage -> train -> score -> report round through the real CLI on the session's S3 lake,
-  run once per pytest process and shared by both suites (its outputs are kept for the scans);
+  run once per pytest process and shared by both suites (its outputs are kept for the scans),
+  and the hostile corpus of tests/support/data.py staged once;
 - readers that check committed predictions with plain pyarrow, not with medray's own reader;
-- finders for this session's Ray processes (never another Ray on the machine) and a bounded
-  wait helper: every loop in these suites ends by count or by time.
+- finders for this session's Ray processes (never another Ray on the machine); every loop in
+  these suites ends by count or by time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import psutil
@@ -27,9 +28,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tests.conftest import MEDRAY, run_cli, small_npz, wait_for
+from tests.support.cli import run_cli
+from tests.support.data import CORPUS_EXPECT as CORPUS_EXPECT  # the suites read both through h
+from tests.support.data import PHI_TEXT as PHI_TEXT
+from tests.support.data import build_corpus, small_npz
+from tests.support.paths import MEDRAY
+from tests.support.waiting import wait_for as wait_for  # the suites wait through h too
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 LABELS = ["normal", "pneumonia"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -38,7 +43,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SHARD_MB = "0.05"
 
 
-# ----------------------------------------------------------------------------- waiting
 # ----------------------------------------------------------------------------- CLI
 class CommandFailed(Exception):
     """A medray command that had to succeed exited non-zero. Not an AssertionError, so a test
@@ -139,8 +143,11 @@ def job_status(home: Path, job_id: str) -> str:
 
 
 def wait_job(home: Path, job_id: str, timeout: float) -> str:
-    return wait_for(f"job {job_id} to end",
-                    lambda: (s := job_status(home, job_id)) in TERMINAL and s, timeout, every=1.0)
+    def ended() -> str | None:
+        status = job_status(home, job_id)
+        return status if status in TERMINAL else None
+
+    return str(wait_for(f"job {job_id} to end", ended, timeout, every=1.0))
 
 
 def cluster_processes(temp_dir: str) -> list[psutil.Process]:
@@ -257,163 +264,6 @@ def build_slow_model(path: Path, layers: int = 6, width: int = 128) -> Path:
 
 def medray_bin() -> str:
     return MEDRAY
-
-
-# ----------------------------------------------------------------------------- hostile inputs
-PHI_NAME = "DOE^JANE^PHIMARKER"
-PHI_ID = "PHI-ID-7781234"
-PHI_TEXT = (PHI_NAME, PHI_ID, "PHI-ACC-55120", "Saint PHI Hospital")
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    import struct
-    import zlib
-
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_claiming(width: int, height: int, idat: bytes = b"") -> bytes:
-    """A PNG whose IHDR (valid CRC) claims ``width`` x ``height`` 8-bit gray pixels."""
-    import struct
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-    if idat:
-        out += _png_chunk(b"IDAT", idat)
-    return out + _png_chunk(b"IEND", b"")
-
-
-def png_bomb(side: int) -> bytes:
-    """A real, fully decodable all-black gray PNG of ``side`` x ``side`` (a decompression bomb:
-    about 1 kB per megapixel on disk)."""
-    import zlib
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + pixels
-    parts = [comp.compress(row) for _ in range(side)]
-    parts.append(comp.flush())
-    return png_claiming(side, side, b"".join(parts))
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """SOI + a baseline SOF0 that claims ``width`` x ``height`` + EOI, no scan data."""
-    import struct
-
-    sof = struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
-
-
-def _encode(img: Any, fmt: str, **kw: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def dicom_bytes(pixels: bool = True, transfer_syntax: str | None = None,
-                phi: bool = True) -> bytes:
-    """A small MONOCHROME2 DICOM with PHI in its header (optionally without pixel data, or
-    labelled with another transfer syntax)."""
-    import io
-
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax or ExplicitVRLittleEndian
-    ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CR"
-    if phi:
-        ds.PatientName = PHI_NAME
-        ds.PatientID = PHI_ID
-        ds.AccessionNumber = PHI_TEXT[2]
-        ds.InstitutionName = PHI_TEXT[3]
-        ds.PatientBirthDate = "19450317"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    if pixels:
-        rng = np.random.default_rng(5)
-        raw = rng.integers(0, 255, (32, 32), dtype=np.uint8).tobytes()
-        if transfer_syntax:  # a compressed syntax: one encapsulated frame (not real MPEG-2)
-            from pydicom.encaps import encapsulate
-
-            ds.PixelData = encapsulate([raw])
-            ds["PixelData"].VR = "OB"
-        else:
-            ds.PixelData = raw
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-# name -> None when the item must be staged, else the error kinds it may get
-CORPUS_EXPECT: dict[str, set[str] | None] = {
-    "good.png": None,
-    "good.jpg": None,
-    "one_by_one.png": None,
-    "cmyk.jpg": None,
-    "gray16.png": None,
-    "palette_alpha.png": None,
-    "phi.dcm": None,
-    "zero.png": {"empty"},
-    "truncated.jpg": {"truncated"},
-    "truncated.png": {"truncated"},
-    "text_renamed.png": {"not_an_image"},
-    "huge_claim.png": {"too_large"},
-    "huge_claim.jpg": {"too_large"},
-    "bomb.png": {"too_large"},
-    "no_pixels.dcm": {"no_pixel_data"},
-    "mpeg2_syntax.dcm": {"unsupported"},
-}
-
-
-def build_corpus(root: Path) -> dict[str, Path]:
-    """Broken and hostile images under root/<label>/ (a folder source); returns name -> path."""
-    from PIL import Image
-
-    rng = np.random.default_rng(9)
-    rgb = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    png, jpg = _encode(rgb, "PNG"), _encode(rgb, "JPEG", quality=90)
-    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    palette.info["transparency"] = 0
-    data = {
-        "good.png": png,
-        "good.jpg": _encode(rgb.rotate(90), "JPEG", quality=85),
-        "one_by_one.png": _encode(Image.new("L", (1, 1), 200), "PNG"),
-        "cmyk.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
-        "gray16.png": _encode(Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)),
-                              "PNG"),
-        "palette_alpha.png": _encode(palette, "PNG"),
-        "phi.dcm": dicom_bytes(),
-        "zero.png": b"",
-        "truncated.jpg": jpg[: len(jpg) // 2],
-        "truncated.png": png[: len(png) * 2 // 3],
-        "text_renamed.png": b"patient list, not an image\n" * 20,
-        "huge_claim.png": png_claiming(40000, 40000, b"x" * 64),
-        "huge_claim.jpg": jpeg_claiming(60000, 60000),
-        "bomb.png": png_bomb(12000),
-        "no_pixels.dcm": dicom_bytes(pixels=False, phi=False),
-        "mpeg2_syntax.dcm": dicom_bytes(transfer_syntax="1.2.840.10008.1.2.4.100", phi=False),
-    }
-    assert set(data) == set(CORPUS_EXPECT)
-    paths = {}
-    for name, blob in data.items():
-        label = "ok" if CORPUS_EXPECT[name] is None else "bad"
-        path = root / label / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
-        paths[name] = path
-    return paths
 
 
 @dataclass

@@ -1,0 +1,113 @@
+"""What Ray runs in other processes for a score job: the shard readers and the scorer actors.
+
+Both are plain classes; ``job.py`` hands them to Ray Data as actor pools with their CPUs and
+GPUs, so a unit test can build them directly. Each configures medray's logging in ``__init__``,
+because an actor is a fresh process whose lines must carry the job id too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medray.cluster.infra import logs
+from medray.cluster.store import layout, registry
+from medray.cluster.store.lake import Lake
+from medray.workers.models import ModelCard
+from medray.workers.scorer import INPUT_COLUMNS, Scorer
+from medray.workers.shards import now_utc
+
+log = logging.getLogger(__name__)
+
+
+class ShardReader:
+    """Reads one shard (an item) and yields the rows to score, tagged with their shard.
+
+    Only the id and split columns are read to decide which rows are wanted; pixels are read
+    for wanted rows only, so an --only-new run over a grown dataset reads old shards' ids,
+    not their pixels. Each block carries ``_shard`` (the shard's stem) and ``_shard_rows`` (how
+    many rows the shard yields in all), so the driver knows when a shard is complete.
+    """
+
+    def __init__(self, lake_uri: str, split: str | None, skip: pa.Array | None,
+                 only: pa.Array | None, rows_per_block: int) -> None:
+        logs.configure()
+        self.lake = Lake(lake_uri)
+        self.split, self.skip, self.only = split, skip, only
+        self.rows_per_block = rows_per_block
+
+    def wanted(self, keys: pa.Table) -> pa.Array:
+        """One boolean per row of ``keys`` (image_id, split): score it or not."""
+        mask = pa.array([True] * keys.num_rows)
+        if self.split:
+            mask = pc.and_(mask, pc.equal(keys.column("split"), self.split))
+        if self.skip is not None and len(self.skip):
+            mask = pc.and_(mask, pc.invert(pc.is_in(keys.column("image_id"),
+                                                    value_set=self.skip)))
+        if self.only is not None:
+            mask = pc.and_(mask, pc.is_in(keys.column("image_id"), value_set=self.only))
+        mask = pc.fill_null(mask, False)
+        return mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+        for item in batch["path"]:
+            path = str(item)
+            stem = layout.shard_stem(path)
+            mask = self.wanted(self.lake.read_parquet(path, columns=["image_id", "split"]))
+            total = pc.sum(mask).as_py() or 0
+            log.debug("shard %s: %d of %d rows to score", stem, total, len(mask))
+            if not total:
+                continue  # the driver writes an empty file for a shard that yields nothing
+            table = self.lake.read_parquet(path, columns=INPUT_COLUMNS)
+            if total < table.num_rows:
+                table = table.filter(mask)
+            for start in range(0, total, self.rows_per_block):
+                part = table.slice(start, self.rows_per_block)
+                part = part.append_column("_shard", pa.array([stem] * part.num_rows))
+                part = part.append_column("_shard_rows",
+                                          pa.array([total] * part.num_rows, pa.int64()))
+                yield part
+
+
+class ScorerActor:
+    """The pure Scorer, with its model fetched from the lake once per actor.
+
+    On start it records where it runs (node, GPUs, precision) in the run's ``actors/`` folder;
+    the commit marker lists these records, with ``job_id`` telling which attempt they belong to.
+    """
+
+    def __init__(self, lake_uri: str, card: dict[str, Any], run_id: str, job_id: str,
+                 mixed_precision: bool, threads: int | None) -> None:
+        import ray
+
+        logs.configure()
+        lake = Lake(lake_uri)
+        # a private copy: the shared per-name cache of registry.fetch is keyed by name and
+        # version only, so two lakes (or two actors writing it at once) could mix files up
+        cache = tempfile.mkdtemp(prefix="medray-scorer-")
+        try:
+            path = registry.fetch(lake, ModelCard.from_dict(card), cache_dir=cache)
+            self.scorer = Scorer(path, card, mixed_precision=mixed_precision, threads=threads)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        ctx = ray.get_runtime_context()
+        info: dict[str, Any] = {
+            "actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(), "pid": os.getpid(),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "tensorflow_gpus": self.scorer.gpus, "precision": self.scorer.precision,
+            "started_at": now_utc().isoformat(), "job_id": job_id,
+        }
+        lake.write_json(layout.run_actor(run_id, info["actor_id"] or str(os.getpid())), info)
+        log.info("scorer actor %s on node %s: Ray GPUs %s, TensorFlow GPUs %s, %s",
+                 info["actor_id"], info["node_id"], info["ray_gpu_ids"], info["tensorflow_gpus"],
+                 info["precision"])
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.scorer(table)

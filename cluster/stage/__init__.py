@@ -1,0 +1,10 @@
+"""The stage job: image collections into versioned, de-identified Parquet datasets.
+
+- ``precheck``: the CLI process, before submitting (no Ray): source, format, CSV columns;
+- ``job``: ``run(spec, lake, ctx)`` on the job driver: list, decode, write, commit;
+- ``remote``: what Ray runs elsewhere: the batch decoders, their crash guard, .npz readers;
+- ``sources`` picks the lister: ``listing`` (folders, S3 prefixes, single files),
+  ``csv_source`` (CSV/TSV manifests), ``npz_source`` (MedMNIST arrays);
+- ``pipeline``: the Ray Data pipeline from a listing to decoded batches;
+- ``writer``: balanced shards and the errors table; ``reuse``: the previous version's shards.
+"""

@@ -1,0 +1,161 @@
+"""CSV/TSV manifests as a staging source, such as ChestX-ray14's Data_Entry_2017.csv.
+
+Each row names an image by a path relative to the images root (``--images-root``, default the
+manifest's folder) and its labels. A path that is absolute, a URI or climbs out of the root is
+an error row and is never read; a bare file name is also looked up anywhere below the root
+(ChestX-ray14 ships ``images_001/images/...`` folders).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import io
+import logging
+import posixpath
+import re
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from medray.cluster.stage.listing import list_tree
+from medray.cluster.store.lake import source_filesystem, source_uri
+from medray.workers.errors import ConfigError, NotFoundError
+from medray.workers.shards import nohash_key
+from medray.workers.specs import StageSpec
+
+log = logging.getLogger(__name__)
+HEADER_BYTES = 1 << 20  # far more than any real header line; the precheck reads no further
+_DRIVE = re.compile(r"^[A-Za-z]:/")
+
+
+def parse_labels(raw: str | None, sep: str, no_finding: str | None) -> list[str] | None:
+    """'Effusion|Mass' -> ['Effusion', 'Mass']; 'No Finding' -> []; empty -> None (unknown)."""
+    text = (raw or "").strip()
+    if not text:
+        return None
+    parts = {p.strip() for p in (text.split(sep) if sep else [text])} - {""}
+    if no_finding:
+        parts.discard(no_finding)
+    return sorted(parts)
+
+
+def resolve_under(root: str, rel: str) -> str | None:
+    """``root/rel`` normalised, or None when ``rel`` is absolute, a URI, or climbs out."""
+    rel = rel.strip().replace("\\", "/")
+    if not rel or rel.startswith("/") or _DRIVE.match(rel) or "://" in rel:
+        return None
+    base = root.rstrip("/")
+    resolved = posixpath.normpath(posixpath.join(base, rel))
+    return resolved if resolved.startswith(base + "/") else None
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _delimiter(path: str) -> str:
+    return "\t" if path.lower().endswith(".tsv") else ","
+
+
+def check_columns(spec: StageSpec, columns: list[str]) -> str | None:
+    """The patient column to group splits by (None: group by file name); ConfigError naming
+    the flag to pass when a column the spec needs is missing."""
+    for flag, needed in (("--path-column", spec.path_column),
+                         ("--label-column", spec.label_column)):
+        if needed not in columns:
+            raise ConfigError(f"{spec.source} has no column {needed!r}"
+                              f"{_suggest(needed, columns)}: pass {flag} (columns: {columns})")
+    patient = spec.patient_column
+    if patient and patient not in columns:
+        if patient != StageSpec.model_fields["patient_column"].default:
+            raise ConfigError(f"{spec.source} has no patient column {patient!r}"
+                              f"{_suggest(patient, columns)} (columns: {columns})")
+        return None  # the default column may be absent: file names group the splits
+    return patient
+
+
+def _read(source: str, limit: int | None = None) -> tuple[pafs.FileSystem, str, str]:
+    """(fs, path, text) of a manifest, or of its first ``limit`` bytes."""
+    fs, path = source_filesystem(source)
+    try:
+        with fs.open_input_stream(path) as fh:
+            data = fh.read(limit)
+        # a limited read may cut a character at its end: final=False leaves it out
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(data, final=limit is None)
+    except FileNotFoundError:
+        raise NotFoundError(f"manifest not found: {source}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not UTF-8 text: {exc}") from None
+    return fs, path, text
+
+
+def header(source: str) -> list[str]:
+    """The column names of a manifest, from its first line only (the precheck's read)."""
+    _, path, text = _read(source, HEADER_BYTES)
+    return next(csv.reader(io.StringIO(text), delimiter=_delimiter(path)), [])
+
+
+def csv_items(spec: StageSpec) -> list[dict[str, Any]]:
+    """Items of the spec's CSV/TSV manifest; rows whose path is unsafe or missing become
+    error items."""
+    source = spec.source
+    fs, path, text = _read(source)
+    reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(path))
+    patient_column = check_columns(spec, list(reader.fieldnames or []))
+    if spec.patient_column and patient_column is None:
+        log.warning("%s has no %r column: splits group images by file name instead", source,
+                    spec.patient_column)
+    if spec.images_root:
+        root_fs, root, entries = list_tree(spec.images_root)
+    else:
+        root_fs, root = fs, posixpath.dirname(path)
+        _, _, entries = list_tree(source_uri(fs, root))
+    sizes = {e.rel: e.size for e in entries if not e.error}
+    by_name: dict[str, list[str]] | None = None
+    known = set(spec.label_names or [])
+    base = root.rstrip("/")
+    items = []
+    for line, row in enumerate(reader, start=2):
+        rel = (row.get(spec.path_column) or "").strip()
+        labels = parse_labels(row.get(spec.label_column), spec.label_sep, spec.no_finding)
+        patient = (row.get(patient_column) or "").strip() if patient_column else ""
+        item: dict[str, Any] = {
+            "kind": "file", "labels": labels, "split": None,
+            "patient_key": f"csv:{patient}" if patient else f"name:{nohash_key(rel)}",
+        }
+        resolved = resolve_under(root, rel)
+        if resolved is None:
+            item["uri"] = f"{source}#line{line}"
+            item["error_type"] = "unsafe_path"
+            item["error_message"] = (f"line {line}: path {rel!r} is empty, absolute or leaves "
+                                     "the images root: give paths relative to --images-root")
+        else:
+            wanted = resolved[len(base) + 1:]
+            found: str | None = wanted if wanted in sizes else None
+            if found is None and "/" not in wanted:
+                if by_name is None:  # ChestX-ray14 ships images_001/images/... folders
+                    by_name = {}
+                    for key in sizes:
+                        by_name.setdefault(posixpath.basename(key), []).append(key)
+                matches = by_name.get(wanted, [])
+                found = matches[0] if len(matches) == 1 else None
+                if len(matches) > 1:
+                    item["error_type"] = "ambiguous_path"
+                    item["error_message"] = (f"line {line}: {rel!r} matches {len(matches)} "
+                                             "files below the images root: give its path")
+            item["uri"] = source_uri(root_fs, f"{base}/{found or wanted}")
+            item["size"] = sizes.get(found) if found else None
+            if found is None and "error_type" not in item:
+                item["error_type"] = "missing"
+                item["error_message"] = f"line {line}: {rel!r} is not under the images root"
+        if known and labels and "error_type" not in item and set(labels) - known:
+            item["error_type"] = "unknown_label"
+            item["error_message"] = (f"line {line}: labels {sorted(set(labels) - known)} are "
+                                     "not in --label-names")
+        items.append(item)
+    if not items:
+        raise ConfigError(f"{source} lists no images")
+    return items

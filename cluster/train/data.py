@@ -1,0 +1,121 @@
+"""What training reads: labelled rows of one split, from image shards or cached features.
+
+The readers are Ray Data UDFs (shard paths in, numpy batches out) that run in Ray Data tasks;
+``dataset`` builds the pipeline the driver hands to Ray Train, which splits the train split
+across workers as a stream (no full copy per worker). ``count_rows`` reads two columns per
+shard on the driver, before anything starts, so batch sizes and class weights are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from medray.cluster.store.lake import Lake
+from medray.workers.shards import labels_to_targets
+
+COLUMNS = ["pixels", "labels", "split", "height", "width", "channels"]
+READER_CPUS = 0.25  # shard readers are I/O bound; they must fit beside the training workers
+MAX_READERS = 4
+
+Batch = dict[str, np.ndarray]
+Reader = Callable[..., Iterator[Batch]]
+
+
+@dataclass(frozen=True)
+class RowCounts:
+    """Labelled images per split and, in the train split, positives per label."""
+
+    splits: dict[str, int]
+    positives: dict[str, int]
+
+    @property
+    def train(self) -> int:
+        return self.splits.get("train", 0)
+
+    @property
+    def val_split(self) -> str:
+        """The split that validates and chooses thresholds: val, else test (with a warning)."""
+        return "val" if self.splits.get("val") else "test"
+
+
+def count_rows(lake: Lake, manifest: dict[str, Any], labels: list[str]) -> RowCounts:
+    """Count labelled rows per split and positives per label in train (reads two columns)."""
+    per_split: dict[str, int] = {}
+    positives = dict.fromkeys(labels, 0)
+    for shard in manifest["shards"]:
+        table = lake.read_parquet(shard["path"], columns=["split", "labels"])
+        table = table.filter(pc.is_valid(table.column("labels")))
+        counts = pc.value_counts(table.column("split"))
+        for split, n in zip(counts.field("values").to_pylist(),
+                            counts.field("counts").to_pylist(), strict=True):
+            per_split[split] = per_split.get(split, 0) + n
+        train = table.filter(pc.equal(table.column("split"), "train")).column("labels")
+        for names in train.to_pylist():
+            for name in names or ():
+                if name in positives:
+                    positives[name] += 1
+    return RowCounts(per_split, positives)
+
+
+def labelled(table: pa.Table, split: str) -> pa.Table:
+    """Rows of one split whose ground truth is known, in a fresh random order.
+
+    Shards keep staging order (a folder source is sorted by class), so rows are permuted here;
+    the permutation is not seeded: see docs/training.md on nondeterminism.
+    """
+    table = table.filter(pc.and_(pc.equal(table.column("split"), split),
+                                 pc.is_valid(table.column("labels"))))
+    order = np.random.default_rng().permutation(table.num_rows)
+    return table.take(pa.array(order, pa.int64())) if table.num_rows else table
+
+
+def pixels(part: pa.Table) -> np.ndarray:
+    """uint8 (n, H, W, C) from the rows of one shard (every row of a shard has one size)."""
+    h, w, c = (part.column(k)[0].as_py() for k in ("height", "width", "channels"))
+    blob = b"".join(part.column("pixels").to_pylist())
+    return np.frombuffer(blob, np.uint8).reshape(part.num_rows, h, w, c)
+
+
+def read_images(batch: dict[str, Any], lake_uri: str, split: str, labels: list[str],
+                multi_label: bool, rows: int = 256) -> Iterator[Batch]:
+    """Ray Data UDF: shard paths -> {"x": uint8 (n,H,W,C), "y": float32 (n,L)} of one split."""
+    lake = Lake(lake_uri)
+    for path in batch["path"]:
+        table = labelled(lake.read_parquet(str(path), columns=COLUMNS), split)
+        for start in range(0, table.num_rows, rows):
+            part = table.slice(start, rows)
+            y = labels_to_targets(part.column("labels").to_pylist(), labels, multi_label)
+            yield {"x": pixels(part), "y": y}
+
+
+def read_features(batch: dict[str, Any], lake_uri: str, split: str, labels: list[str],
+                  multi_label: bool, rows: int = 1024) -> Iterator[Batch]:
+    """Ray Data UDF: cached feature files -> {"x": float32 (n,D), "y": float32 (n,L)}."""
+    lake = Lake(lake_uri)
+    for path in batch["path"]:
+        table = labelled(lake.read_parquet(str(path)), split)
+        for start in range(0, table.num_rows, rows):
+            part = table.slice(start, rows)
+            col = part.column("features").combine_chunks()
+            x = col.flatten().to_numpy(zero_copy_only=False).reshape(part.num_rows, -1)
+            y = labels_to_targets(part.column("labels").to_pylist(), labels, multi_label)
+            yield {"x": x.astype(np.float32, copy=False), "y": y}
+
+
+def dataset(paths: list[str], reader: Reader, lake: Lake, split: str, labels: list[str],
+            multi_label: bool) -> Any:
+    """A Ray Data pipeline of one split: one block per file, a few light reader tasks."""
+    import ray
+
+    return ray.data.from_items([{"path": p} for p in paths],
+                               override_num_blocks=len(paths)).map_batches(
+        reader, fn_kwargs={"lake_uri": lake.uri, "split": split, "labels": labels,
+                           "multi_label": multi_label},
+        batch_size=1, batch_format="numpy", num_cpus=READER_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(MAX_READERS, len(paths)))))

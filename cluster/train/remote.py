@@ -1,0 +1,250 @@
+"""What runs in the Ray Train workers: the distributed training loop.
+
+Every worker builds the same model under ``MultiWorkerMirroredStrategy``, restores the last
+checkpoint if there is one and runs exactly ``plan.steps`` steps per epoch on its share of the
+train split. Rank 0 alone validates, checkpoints, writes TensorBoard events and decides whether
+to go on; the decision is broadcast, so every worker stops at the same epoch. At the end rank 0
+writes the best epoch's full model and the thresholds chosen on validation to ``final/``.
+Progress lines go to the worker's stdout, which Ray streams into the job log and the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medray.cluster.infra import faults, logs
+from medray.cluster.store import layout
+from medray.cluster.store.lake import Lake
+from medray.cluster.train import checkpoints
+from medray.cluster.train.plan import PLAN, TrainPlan
+from medray.cluster.train.weights import initial_model
+from medray.workers import training as tr
+
+log = logging.getLogger(__name__)
+PROGRESS_LINES = 4  # progress lines per epoch, besides the epoch line
+PROGRESS_EVERY_S = 30.0  # and at least this often
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker; ``config`` is ``{PLAN: TrainPlan}``."""
+    import keras
+    import ray.train
+    import tensorflow as tf
+    from ray.train.collective import broadcast_from_rank_zero
+
+    from medray.workers.models import configure_tensorflow
+
+    plan: TrainPlan = config[PLAN]
+    logs.configure()
+    _quiet_tensorflow()
+    configure_tensorflow()
+    lake = Lake(plan.lake_uri)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    batching = tr.plan_batches(plan.train_rows, plan.spec.batch_size, world,
+                              tr.local_replicas(strategy))
+    with strategy.scope():
+        model, note = _build_trainable(lake, plan)
+        optimizer = keras.optimizers.Adam(learning_rate=plan.spec.learning_rate)
+        optimizer.build(model.trainable_variables)
+        # a fresh training id has no checkpoint, so one here is --resume (or a restarted worker)
+        restored = checkpoints.restore(lake, plan, model, optimizer)
+        state = restored if restored is not None else tr.new_state()
+        pos_w, neg_w = plan.class_weights or (None, None)
+        loss_fn = tr.make_loss(plan.data.multi_label,
+                               None if pos_w is None else np.array(pos_w, np.float32),
+                               None if neg_w is None else np.array(neg_w, np.float32))
+        train_step = tr.make_train_step(strategy, model, optimizer, loss_fn, batching.global_batch)
+    if rank == 0:
+        log.info("training %s: %s on %d images, %d worker(s) x %d images per step, %d steps "
+                 "per epoch; initial weights: %s", plan.train_id, plan.spec.arch,
+                 plan.train_rows, world, batching.local_batch, batching.steps, note)
+        if restored is not None:
+            log.info("resumed from the checkpoint of epoch %d (best epoch %d)", state["epoch"],
+                     state["best_epoch"])
+    board: _Board | None = None
+    if rank == 0:
+        board = _Board(lake, layout.training_board(plan.spec.model, plan.train_id))
+    shard = ray.train.get_dataset_shard("train")
+    fault = faults.train_exit_epoch()
+    mine: dict[str, Any] = {}
+    epoch = int(state["epoch"])
+    stop = tr.finished(state, plan.spec.epochs)  # every rank read the same checkpoint
+    while not stop:
+        epoch += 1
+        done = _train_epoch(shard, train_step, batching, epoch, plan, rank == 0)
+        mine[str(epoch)] = {"steps": done["steps"], "batches": done["batches"],
+                            "images": done["steps"] * batching.local_batch}
+        decision: dict[str, Any] | None = None
+        if board is not None:
+            decision = _close_epoch(lake, plan, model, optimizer, loss_fn, state, board,
+                                    {**done, "epoch": epoch,
+                                     "images": done["steps"] * batching.global_batch})
+        decision = broadcast_from_rank_zero(decision)  # one decision, whatever BN drift says
+        ray.train.report({"epoch": epoch, "steps": done["steps"]})
+        if fault == epoch and rank == 0:
+            log.info("MEDRAY_FAULT: exiting after epoch %d", epoch)
+            faults.die()
+        stop = bool(decision["stop"])
+    lake.write_json(layout.training_rank(plan.spec.model, plan.train_id, plan.job_id, rank),
+                    {"rank": rank, "world": world, "plan": asdict(batching), "epochs": mine})
+    if rank == 0:
+        _finalise(lake, plan, model, state)
+
+
+def _quiet_tensorflow() -> None:
+    import tensorflow as tf
+
+    tf.get_logger().setLevel(logging.ERROR)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:  # absl ships with TensorFlow; nothing to quiet without it
+        pass
+
+
+def _build_trainable(lake: Lake, plan: TrainPlan) -> tuple[Any, str]:
+    """(the model the optimizer updates, what it starts from): the head alone on cached
+    features, else the full model (backbone frozen for --mode head)."""
+    from medray.workers.models import build_head, freeze_backbone
+
+    if plan.feature_dim is not None:
+        head = build_head(plan.feature_dim, len(plan.data.labels), plan.data.multi_label,
+                          seed=plan.spec.seed)
+        return head, "head on cached features"
+    model, note = initial_model(lake, plan.init, plan.shape, plan.augment)
+    if plan.spec.mode == "head":
+        freeze_backbone(model)
+    return model, note
+
+
+def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int, plan: TrainPlan,
+                 chief: bool) -> dict[str, Any]:
+    """One pass over this worker's share: exactly ``batching.steps`` steps (see BatchPlan)."""
+    t0 = last = time.monotonic()
+    steps = seen = 0
+    losses: list[float] = []
+    every = max(1, -(-batching.steps // PROGRESS_LINES))
+    for batch in shard.iter_batches(batch_size=batching.local_batch, batch_format="numpy",
+                                    drop_last=True,
+                                    local_shuffle_buffer_size=max(4 * batching.local_batch, 1024),
+                                    local_shuffle_seed=plan.spec.seed * 1000 + epoch):
+        seen += 1
+        if steps >= batching.steps:
+            continue  # never step past what every worker can do
+        losses.append(float(train_step(batch["x"], batch["y"])))
+        steps += 1
+        now = time.monotonic()
+        due = steps % every == 0 or now - last > PROGRESS_EVERY_S
+        if chief and due and steps < batching.steps:  # the last step has the epoch line
+            rate = steps * batching.global_batch / (now - t0)
+            log.info("%s", tr.progress_line(epoch, plan.spec.epochs, steps, batching.steps, rate,
+                                            float(np.mean(losses[-every:]))))
+            last = now
+    return {"steps": steps, "batches": seen, "seconds": time.monotonic() - t0,
+            "loss": float(np.mean(losses)) if losses else float("nan")}
+
+
+def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_fn: Any,
+                 state: dict[str, Any], board: _Board, done: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: validate, book the epoch, checkpoint, TensorBoard, progress; the decision."""
+    seconds = done["seconds"]
+    record: dict[str, Any] = {
+        "epoch": done["epoch"], "loss": done["loss"], "images": done["images"],
+        "images_per_s": done["images"] / seconds if seconds else 0.0,
+        "seconds": round(seconds, 3), "steps": done["steps"], "job_id": plan.job_id}
+    y, scores = _validate(model, plan)
+    ev = tr.evaluate(y, scores, plan.data.labels)
+    record.update(val_loss=tr.mean_loss(loss_fn, y, scores), val_mean_auroc=ev["mean_auroc"],
+                  val_auroc=ev["auroc"])
+    improved, stop = tr.end_epoch(state, record, plan.spec.patience, plan.spec.epochs)
+    state.setdefault("jobs", [])
+    if plan.job_id not in state["jobs"]:
+        state["jobs"].append(plan.job_id)
+    checkpoints.save(lake, plan, model, optimizer, state, improved)
+    board.scalars(done["epoch"], {
+        "train/loss": record["loss"], "val/loss": record["val_loss"],
+        "val/mean_auroc": record["val_mean_auroc"], "train/images_per_s": record["images_per_s"],
+        **{f"val/auroc/{k}": v for k, v in ev["auroc"].items()}})
+    board.upload()
+    log.info("%s", tr.epoch_line(record, plan.spec.epochs))
+    if stop:
+        log.info("early stop after epoch %d: %s; best epoch %d", done["epoch"],
+                 state["stopped"], state["best_epoch"])
+    return {"stop": tr.finished(state, plan.spec.epochs), "epoch": done["epoch"]}
+
+
+def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, scores) over the whole validation split; rank 0 only."""
+    import ray.train
+
+    ys, scores = [], []
+    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256,
+                                                                   batch_format="numpy"):
+        ys.append(batch["y"])
+        scores.append(tr.predict(model, [batch["x"]]))
+    n_labels = len(plan.data.labels)
+    if not ys:
+        return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32)
+    return np.concatenate(ys), np.concatenate(scores)
+
+
+def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any]) -> None:
+    """Best weights -> thresholds on validation -> the full .keras model + result in final/."""
+    from medray.workers.models import set_head
+
+    checkpoints.load_best(lake, plan, model)
+    y, scores = _validate(model, plan)
+    thresholds = tr.choose_thresholds(y, scores, plan.data.labels)
+    full = model
+    if plan.cached:  # the head was trained alone: put it on the backbone it was fed by
+        full, _ = initial_model(lake, plan.init, plan.shape)
+        set_head(full, model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        full.save(str(path))
+        lake.write_bytes(layout.training_model(plan.spec.model, plan.train_id),
+                         path.read_bytes())
+    lake.write_json(layout.training_result(plan.spec.model, plan.train_id),
+                    {"thresholds": thresholds, "state": state, "job_id": plan.job_id})
+
+
+class _Board:
+    """TensorBoard event files written locally by tf.summary, uploaded to the lake each epoch."""
+
+    def __init__(self, lake: Lake, rel_dir: str) -> None:
+        import tensorflow as tf
+
+        self.lake, self.rel_dir = lake, rel_dir
+        self.local = tempfile.mkdtemp(prefix="medray-tb-")
+        self.writer = tf.summary.create_file_writer(self.local)
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        # tf.summary.scalar needs the tensorboard package; the core writer with the scalars
+        # plugin's metadata writes the same events without it
+        meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        with self.writer.as_default():
+            for name, value in values.items():
+                if value is not None and np.isfinite(value):
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
+                                     metadata=meta)
+
+    def upload(self) -> None:
+        self.writer.flush()
+        for path in Path(self.local).rglob("*"):
+            if path.is_file():
+                self.lake.write_bytes(f"{self.rel_dir}/{path.relative_to(self.local)}",
+                                      path.read_bytes())
