@@ -35,6 +35,7 @@ _REPORT_COLUMNS = (
     "auroc_lo",
     "auroc_hi",
     "f1",
+    "ece",
     "positive_rate",
     "drifted",
 )
@@ -76,6 +77,13 @@ def stage(
     no_finding: str = spec_option(StageSpec, "no_finding"),
     patient_column: str = spec_option(StageSpec, "patient_column"),
     images_root: str = spec_option(StageSpec, "images_root"),
+    split_column: str = spec_option(StageSpec, "split_column"),
+    max_pixels: int = spec_option(StageSpec, "max_pixels"),
+    retain: list[str] = spec_option(StageSpec, "retain"),
+    clean: list[str] = spec_option(StageSpec, "clean"),
+    allow_burned_in: bool = spec_option(StageSpec, "allow_burned_in"),
+    reuse: bool = spec_option(StageSpec, "reuse"),
+    linkage: str = spec_option(StageSpec, "linkage"),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
@@ -88,9 +96,10 @@ def stage(
         values["label_names"] = names.split(",")
     if "://" not in source and Path(source).exists():
         values["source"] = _local_path(source)
-    root = values.get("images_root")
-    if root and "://" not in root:
-        values["images_root"] = _local_path(root)
+    for key in ("images_root", "linkage"):
+        path = values.get(key)
+        if path and "://" not in path:
+            values[key] = _local_path(path)
     res = _submit("stage", values, address, wait)
     emit(
         res,
@@ -122,6 +131,11 @@ def train(
     resume: bool = spec_option(TrainSpec, "resume"),
     run_id: str = spec_option(TrainSpec, "run_id"),
     seed: int = spec_option(TrainSpec, "seed"),
+    calibrate: bool = spec_option(TrainSpec, "calibrate"),
+    operating_point: str = spec_option(TrainSpec, "operating_point"),
+    intended_use: str = spec_option(TrainSpec, "intended_use"),
+    out_of_scope: str = spec_option(TrainSpec, "out_of_scope"),
+    card_file: str = spec_option(TrainSpec, "card_file"),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
@@ -129,18 +143,23 @@ def train(
 ) -> None:
     """Train on Ray Train (TensorFlow, MultiWorkerMirroredStrategy); registers a model version."""
     values = given(ctx, TrainSpec)
-    given_weights = values.get("weights")
-    if given_weights and Path(given_weights).exists():
-        values["weights"] = _local_path(given_weights)
+    for key in ("weights", "card_file"):
+        local = values.get(key)
+        if local and Path(local).exists():
+            values[key] = _local_path(local)
     res = _submit("train", values, address, wait)
     auc = (res.get("metrics") or {}).get("val_mean_auroc")
+    ece = ""
+    if res.get("val_ece_before") is not None:
+        ece = (f", validation ECE {res['val_ece_before']:.4f} before calibration, "
+               f"{res['val_ece_after']:.4f} after")
     emit(
         res,
         as_json,
         None
         if not wait
         else f"registered {res.get('model')}:{res.get('version')} (validation mean AUROC "
-        f"{auc if auc is None else round(auc, 4)}) -> {res.get('uri')}",
+        f"{auc if auc is None else round(auc, 4)}{ece}) -> {res.get('uri')}",
     )
 
 
@@ -187,6 +206,8 @@ def report(
     heatmaps: int = spec_option(ReportSpec, "heatmaps"),
     n_boot: int = spec_option(ReportSpec, "n_boot"),
     drift_psi: float = spec_option(ReportSpec, "drift_psi"),
+    heatmap_layer: str = spec_option(ReportSpec, "heatmap_layer"),
+    subgroups: str = spec_option(ReportSpec, "subgroups"),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
@@ -199,6 +220,12 @@ def report(
         return
     rows = [{"label": k, **v} for k, v in (res.get("metrics") or {}).items()]
     typer.echo(table(rows, [c for c in _REPORT_COLUMNS if any(c in r for r in rows)]))
+    summary = res.get("summary") or {}
+    if summary.get("heatmaps_note"):
+        typer.echo(summary["heatmaps_note"])
+    if summary.get("flagged_gaps"):
+        typer.echo(f"subgroup gaps whose 95% interval excludes zero: {summary['flagged_gaps']} "
+                   "(see the report's Subgroups section)")
     typer.echo(f"report: {res.get('report_uri')}")
     if res.get("html_uri"):
         typer.echo(f"html:   {res.get('html_uri')}")

@@ -235,6 +235,58 @@ def datasets_show(
     typer.echo(table(rows, ["split", *labels]))
 
 
+_LINKAGE = typer.Option(None, "--linkage", help="Where the stage job wrote the DICOM path "
+                       "linkage (default: MEDRAY_HOME on this machine).")
+
+
+@datasets_app.command("delete")
+def datasets_delete(
+    ref: str = typer.Argument(..., help="NAME:VERSION"),
+    force: bool = typer.Option(False, "--force", help="Even while a staging of NAME runs."),
+    linkage: str = _LINKAGE,
+    lake: str = LAKE,
+    as_json: bool = JSON,
+) -> None:
+    """Delete a dataset version: its manifest, the shards no other version lists, its linkage."""
+    from medray.jobs import sdk
+
+    res = call(lambda: sdk.dataset_delete(ref, lake, linkage, force))
+    emit(res, as_json, f"deleted {res['dataset']}:{res['version']}: {res['removed_files']} "
+                       f"files removed, {len(res['kept_files'])} kept (listed by other versions)")
+
+
+@datasets_app.command("errors")
+def datasets_errors(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
+    reveal: bool = typer.Option(False, "--reveal", help="Show DICOM source paths (from the "
+                                "private linkage) instead of their pseudonyms."),
+    linkage: str = _LINKAGE,
+    lake: str = LAKE,
+    as_json: bool = JSON,
+) -> None:
+    """The inputs of a dataset version that could not be staged, and why."""
+    from medray.jobs import sdk
+
+    rows = call(lambda: sdk.dataset_errors(ref, lake, reveal, linkage))
+    emit(rows, as_json, table(rows, ["source_uri", "error_type", "stage", "message"]))
+
+
+@datasets_app.command("reveal")
+def datasets_reveal(
+    ref: str = typer.Argument(..., help="NAME or NAME:VERSION"),
+    pseudonyms: list[str] = typer.Argument(..., help="dicom:... values of source_uri"),
+    linkage: str = _LINKAGE,
+    lake: str = LAKE,
+    as_json: bool = JSON,
+) -> None:
+    """The source paths behind DICOM pseudonyms (a prediction's or an errors row's)."""
+    from medray.jobs import sdk
+
+    found = call(lambda: sdk.dataset_reveal(ref, pseudonyms, lake, linkage))
+    emit(found, as_json, "\n".join(f"{k}\t{v or '(not in this version)'}"
+                                   for k, v in found.items()))
+
+
 # ---------------------------------------------------------------- models
 @models_app.command("list")
 def models_list(lake: str = LAKE, as_json: bool = JSON) -> None:
@@ -251,12 +303,20 @@ def models_list(lake: str = LAKE, as_json: bool = JSON) -> None:
 
 @models_app.command("show")
 def models_show(
-    ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS"), lake: str = LAKE
+    ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS"),
+    lake: str = LAKE,
+    text: bool = typer.Option(
+        False, "--text", help="Render the card as text sections (Mitchell et al.), not JSON."
+    ),
 ) -> None:
-    """A model version's card."""
-    from medray.jobs import sdk
+    """A model version's card: use, data, metrics, calibration, thresholds (JSON)."""
+    import json
 
-    typer.echo(call(lambda: sdk.model_show(ref, lake)))
+    from medray.jobs import sdk
+    from medray.workers.model_card import render_text
+
+    card = call(lambda: sdk.model_show(ref, lake))
+    typer.echo(render_text(json.loads(card)) if text else card)
 
 
 @models_app.command("register")
@@ -286,3 +346,26 @@ def models_promote(
 
     aliases = call(lambda: sdk.models_promote(ref, alias, lake))
     typer.echo(f"aliases: {aliases}")
+
+
+# ---------------------------------------------------------------- doctor
+doctor_app = typer.Typer(invoke_without_command=True)
+
+
+@doctor_app.callback()
+def doctor(lake: str = LAKE, address: str = ADDRESS, as_json: bool = JSON) -> None:
+    """Check the lake, credentials, cluster, GPUs and spill disk; name each fix.
+
+    One line per check: ok, or PROBLEM with the command that fixes it. Exit code 0 when every
+    check passes, 1 when any fails.
+    """
+    from medray.cluster.infra.doctor import Check
+    from medray.jobs import sdk
+
+    report = sdk.doctor(lake, address)
+    human = "\n".join(Check(**c).line() for c in report["checks"])
+    emit(report, as_json, human)
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+GROUPS["doctor"] = doctor_app

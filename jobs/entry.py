@@ -3,7 +3,9 @@
 It decodes and re-validates the spec, connects to the cluster, runs the job's ``run(spec, lake,
 ctx)`` from its package under ``medray.cluster`` and prints one result line that the CLI reads
 back (see ``medray.cluster.infra.wire``). A failure prints the error line and exits with the
-error's code (2 for bad input found only on the cluster, 1 otherwise).
+error's code (2 for bad input found only on the cluster, 1 otherwise). SIGTERM (``medray jobs
+stop``) becomes ``JobStopped`` once Ray is up, so the job's clean-up runs and its history
+says STOPPED.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 import traceback
 from typing import Any
 
-from medray.cluster.infra import logs, wire
+from medray.cluster.infra import logs, stopping, wire
 from medray.cluster.infra.context import JobContext
+from medray.cluster.infra.stopping import JobStopped
 from medray.workers.errors import MedrayError
 from medray.workers.specs import SPECS, JobSpec, build_spec
 
@@ -42,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = decode_spec(args.kind, args.spec)
         result = _run(spec, ctx)
+    except JobStopped as exc:
+        _fail(ctx, spec, str(exc), MedrayError.exit_code, status="STOPPED")
+        return MedrayError.exit_code
     except MedrayError as exc:
         _fail(ctx, spec, exc.message, exc.exit_code)
         return exc.exit_code
@@ -62,6 +68,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
 
     ray.init(address=env.get(env.RAY_ADDRESS, "auto"), logging_level=logging.WARNING,
              log_to_driver=True)
+    stopping.raise_on_sigterm()  # after ray.init, which installs a bare sys.exit handler
     data_ctx = ray.data.DataContext.get_current()
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
@@ -71,8 +78,7 @@ def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     result: dict[str, Any] = job.run(spec, lake, ctx)
     result["usage"] = costs.job_usage(time.monotonic() - started)
-    price = costs.cost(result["usage"], json.loads(env.get(env.PRICES_JSON) or "null"),
-                       result.get("images"))
+    price = costs.cost(result["usage"], costs.prices_from_env(), result.get("images"))
     if price:
         result["cost"] = price
     if spec.kind == "score" and result.get("run_id"):
@@ -81,8 +87,9 @@ def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
     return result
 
 
-def _fail(ctx: JobContext, spec: JobSpec | None, message: str, exit_code: int) -> None:
-    log.error("%s job failed: %s", ctx.kind, message)
+def _fail(ctx: JobContext, spec: JobSpec | None, message: str, exit_code: int,
+          status: str = "FAILED") -> None:
+    log.error("%s job %s: %s", ctx.kind, "failed" if status == "FAILED" else "stopped", message)
     print(wire.error_line(message, exit_code), flush=True)  # noqa: T201 - the wire to the CLI
     if spec is None:
         return
@@ -90,7 +97,7 @@ def _fail(ctx: JobContext, spec: JobSpec | None, message: str, exit_code: int) -
         from medray.cluster.store import history
         from medray.cluster.store.lake import Lake, default_lake_uri
 
-        history.record(Lake(spec.lake or default_lake_uri()), ctx, spec, "FAILED",
+        history.record(Lake(spec.lake or default_lake_uri()), ctx, spec, status,
                        {"error": message})
     except Exception as exc:  # noqa: BLE001 - history is best effort when the lake is down
         log.warning("could not record job history: %s", exc)

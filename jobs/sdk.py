@@ -37,6 +37,16 @@ def precheck(spec: JobSpec, lake: Lake, address: str | None) -> None:
     module.precheck(spec, lake, address)
 
 
+def claim(spec: JobSpec, lake: Lake, address: str | None,
+          job_id: str) -> Callable[[], object] | None:
+    """What the job must own before it is submitted (a score run's lease), taken for
+    ``job_id`` by the job package's ``precheck.claim`` when it has one; returns what lets go
+    of it if the submission fails (exit 2 when a live job holds it)."""
+    module = importlib.import_module(f"medray.cluster.{spec.kind}.precheck")
+    take = getattr(module, "claim", None)
+    return take(spec, lake, address, job_id) if take else None
+
+
 def new_job_id(kind: str) -> str:
     return f"medray-{kind}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -61,7 +71,13 @@ def submit(
     prices = costs.load_prices()
     if prices:  # not secret: the job prices its own usage
         extra[env.PRICES_JSON] = json.dumps(prices)
-    jobs_client.submit(spec, address, job_id=job_id, extra_env=extra)
+    release = claim(spec, lake, address, job_id)
+    try:
+        jobs_client.submit(spec, address, job_id=job_id, extra_env=extra)
+    except BaseException:
+        if release is not None:  # the job never existed: free what was claimed for it
+            release()
+        raise
     if not wait:
         return {"job_id": job_id, "status": "PENDING"}
     status, logs = jobs_client.wait(job_id, address, on_log=on_log)
@@ -88,6 +104,39 @@ def datasets_list(lake: str | None) -> list[dict[str, Any]]:
 def dataset_show(ref: str, lake: str | None) -> dict[str, Any]:
     _, _, manifest = catalog.resolve(resolve_lake(lake), ref)
     return manifest
+
+
+def dataset_delete(ref: str, lake: str | None, linkage: str | None = None,
+                   force: bool = False) -> dict[str, Any]:
+    """Delete a dataset version and the shards no other version lists (docs/deid.md)."""
+    from medray.cluster.stage import purge
+
+    return purge.delete_version(resolve_lake(lake), ref, linkage, force)
+
+
+def dataset_errors(ref: str, lake: str | None, reveal: bool = False,
+                   linkage: str | None = None) -> list[dict[str, Any]]:
+    """A dataset version's errors rows; ``reveal``: DICOM pseudonyms as their source paths."""
+    from medray.cluster.stage import purge
+
+    return purge.errors(resolve_lake(lake), ref, reveal, linkage)
+
+
+def dataset_reveal(ref: str, pseudonyms: list[str], lake: str | None,
+                   linkage: str | None = None) -> dict[str, str | None]:
+    """The source paths behind DICOM pseudonyms of a dataset version (private linkage)."""
+    from medray.cluster.stage import purge
+
+    return purge.reveal(resolve_lake(lake), ref, pseudonyms, linkage)
+
+
+def run_files(run_id: str, lake: str | None) -> dict[str, list[str]]:
+    """The full URIs of a committed run's prediction (``files``) and error (``error_files``)
+    files, from its commit marker: what DuckDB, Spark or pandas should read. A glob of the
+    run's folder would also read files of uncommitted or abandoned attempts."""
+    from medray.cluster.store import runs
+
+    return runs.committed_files(resolve_lake(lake), run_id)
 
 
 def models_list(lake: str | None) -> list[dict[str, Any]]:
@@ -295,3 +344,11 @@ def job_logs(job_id: str, address: str | None,
 
 def job_stop(job_id: str, address: str | None) -> bool:
     return jobs_client.stop(job_id, address)
+
+
+def doctor(lake: str | None, address: str | None) -> dict[str, Any]:
+    """``medray doctor``: lake, credentials, cluster, GPUs and spill disk, one check each;
+    ``ok`` is False when any check found a problem (each names its fix)."""
+    from medray.cluster.infra import doctor as checks
+
+    return checks.run_all(lake, address)

@@ -7,6 +7,8 @@ sorted once (``metrics.cum_at_blocks``), so 1000 resamples of 10k images take un
 counts add up over patients, so ``threshold_ci`` resamples with one matrix product.
 
 Resamples where a metric is undefined (one class drawn, no positive calls) are skipped.
+The calibration error (``ece_ci``) and subgroup comparisons (``workers/subgroups.py``) use the
+same additive trick through ``resample_counts``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from medray.workers.metrics import (
     auprc,
     auroc,
     auroc_from_cum,
+    bin_index,
     cum_at_blocks,
     ranked,
 )
@@ -251,3 +254,49 @@ def threshold_ci(y: np.ndarray, s: np.ndarray, threshold: float, groups: npt.Arr
             lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
             out[name] = (float(lo), float(hi))
     return out
+
+
+def units_of(groups: npt.ArrayLike | None, n: int) -> tuple[np.ndarray, int]:
+    """(unit 0..U-1 of each row, U): patients when ``groups`` is given, else the rows."""
+    unit = _groups(groups, n) if groups is not None else np.arange(n)
+    return unit, (int(unit.max()) + 1 if n else 0)
+
+
+def resample_counts(n_units: int, n_boot: int, seed: int = 0,
+                    cells: int = _COUNT_CELLS) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as (resamples, units) float matrices of how often each unit was
+    drawn, a chunk at a time; any statistic additive over units is ``counts @ per_unit``."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, cells // max(1, n_units))
+    for draws in _row_draws(rng, n_units, n_boot, chunk):
+        yield _draw_counts(draws, n_units)
+
+
+def ece_ci(y: np.ndarray, s: np.ndarray, groups: npt.ArrayLike | None, n_boot: int,
+           n_bins: int = 10, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the expected calibration error (equal-width bins, as
+    ``metrics.calibration``), resampling ``groups`` (patients) when given.
+
+    ECE is the sum over bins of |positives - summed scores| divided by the rows, and both sums
+    add up over patients, so each resample is one matrix product (as in ``threshold_ci``).
+    With no rows or ``n_boot`` 0 the interval is (nan, nan).
+    """
+    _check_alpha(alpha)
+    y = np.asarray(y, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    n = y.shape[0]
+    if n == 0 or n_boot < 1:
+        return math.nan, math.nan
+    unit, n_units = units_of(groups, n)
+    idx = bin_index(s, n_bins)
+    # per unit: (positives - scores) in each bin, then its row count
+    per_unit = np.zeros((n_units, n_bins + 1))
+    np.add.at(per_unit, (unit, idx), y - s)
+    per_unit[:, n_bins] = np.bincount(unit, minlength=n_units)
+    values = []
+    for counts in resample_counts(n_units, n_boot, seed):
+        totals = counts @ per_unit
+        values.append(np.abs(totals[:, :n_bins]).sum(axis=1) / totals[:, n_bins])
+    v = np.concatenate(values)
+    lo, hi = np.quantile(v, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)

@@ -1,345 +1,351 @@
-"""De-identification of DICOM datasets (PS3.15 Annex E, Basic Application Level Confidentiality
-Profile, no options).
+"""De-identification of DICOM data sets: DICOM PS3.15 Annex E, the Basic Application Level
+Confidentiality Profile, from the whole Table E.1-1 of the edition ``deid_table`` was generated
+from (every row, applied at every nesting depth), with three of the profile's options, and
+stricter than the profile where that is cheap. The promise, option by option, with the test
+of each sentence: docs/deid.md and SECURITY.md.
 
-The profile is data: ``BASIC_PROFILE`` maps attribute keywords to the action codes of PS3.15
-Table E.1-1, transcribed as the standard writes them ("X/Z/D" and so on). ``_resolve`` turns a
-code into the one action this module performs, always the most protective one the element allows:
+An element's action, first rule that applies:
 
-- ``X`` remove, ``Z`` empty value, ``D`` dummy value, ``U`` consistent UID remapping (HMAC);
-- a combination containing ``X`` removes; ``Z/D`` empties; ``D`` on a sequence removes it;
-- ``X/Z/U*`` keeps the sequence and cleans its items (their UIDs are remapped).
+1. private elements (odd groups), curve (50xx) and overlay (60xx) groups: removed;
+2. a row of Table E.1-1: its action, the most protective one its code allows (``X`` remove,
+   ``Z`` empty, ``D`` dummy, ``U`` keyed UID remapping; a combined code with X removes,
+   ``Z/D`` empties, ``D`` on a sequence removes it, ``X/Z/U*`` keeps the sequence and cleans its
+   items); PatientID becomes the keyed patient pseudonym. The options change some rows:
+   ``retain_patient_characteristics`` keeps sex, age, size and weight; ``retain_longitudinal``
+   shifts dates by a keyed per-patient number of days (times and intervals kept);
+   ``clean_descriptors`` keeps six descriptions with names, IDs, dates and numbers cut out;
+3. not in the table, stricter: any other element of the patient group (0010,xxxx); public
+   elements of VR UN; text, person-name and date/time elements (AE AS DA DT LO LT PN SH ST TM
+   UC UR UT) not on ``KEEP_TEXT``; binary elements (OB OD OF OL OV OW) that are not pixel or
+   LUT data: removed. UIDs (UI) are remapped unless they name a class, a transfer syntax or
+   a registered DICOM UID. Sequences are cleaned item by item. The rest (codes, numbers,
+   pixel geometry) is kept.
 
-Beyond the table, stricter than the profile where it is cheap to be:
-
-- every private element is removed (the profile's default without the Retain Safe Private
-  option), and so is every element of the patient group (0010,xxxx) the table does not list;
-- curve groups (50xx) and overlay groups (60xx) are removed whole;
-- every other element of VR UI is remapped unless it names a class, a transfer syntax or a
-  registered DICOM UID (``1.2.840.10008.*``, pydicom's UID dictionary);
-- PatientID becomes ``patient_key`` (a keyed hash), so one patient keeps one pseudonym;
-- the 128-byte preamble is zeroed and identifying file-meta elements (AE titles, private
-  file-meta information) are removed.
-
-Burned-in text in the pixels is not removed; ``safe_metadata`` reports BurnedInAnnotation so a
-caller can drop such images. Nothing here does I/O: ``deidentify_bytes`` takes and returns bytes.
+PatientIdentityRemoved, DeidentificationMethod (0012,0063) and the method code sequence
+(0012,0064) say what was done, options included. Burned-in text in pixels is not removed:
+``burned_in_reason`` says when a caller should refuse an image. Pure code: data sets in and out
+(bytes in and out: ``dicom_io``).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import hashlib
 import hmac
-import io
 import logging
-import struct
-import zlib
-from collections.abc import Callable
+import re
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
-import pydicom
 from pydicom._uid_dict import UID_dictionary  # where it lives: pydicom.uid does not export it
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medray.workers.errors import ConfigError, ImageError
+from medray.workers.deid_table import ACTIONS, EDITION, MASKED, SOURCE
+from medray.workers.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-MIN_SALT_BYTES = 16
+# In the shard-reuse key: a change here re-stages every image (docs/deid.md)
+PROFILE_VERSION = f"medray-deid-2/ps3.15-{EDITION}"
+PROFILE = ("DICOM PS3.15 Table E.1-1 Basic Application Level Confidentiality Profile, "
+           f"edition {EDITION}")
+MIN_SALT_BYTES = 32
+MIN_SALT_SYMBOLS = 16  # distinct byte values: 32 random bytes have about 30
 PATIENT_KEY_HEX_CHARS = 32
-# (0012,0063) is LO: several values of at most 64 characters each
-DEIDENTIFICATION_METHOD = (
-    "DICOM PS3.15 E.1-1 Basic Confidentiality Profile (medray)",
-    "PatientID replaced by an HMAC-SHA256 pseudonym",
-    "UIDs remapped; private, curve and overlay elements removed",
-)
+MAX_SHIFT_DAYS = 3650
 
-# DICOM PS3.15 Annex E, Table E.1-1 "Application Level Confidentiality Profile Attributes",
-# column "Basic Prof.". A transcription of the rows that apply to images (keyword -> action code
-# as printed in the standard). Rows for retired command-group elements are left out.
-BASIC_PROFILE: dict[str, str] = {
-    "AccessionNumber": "Z",
-    "AcquisitionComments": "X",
-    "AcquisitionContextSequence": "X",
-    "AcquisitionDate": "X/Z",
-    "AcquisitionDateTime": "X/D",
-    "AcquisitionDeviceProcessingDescription": "X/D",
-    "AcquisitionProtocolDescription": "X",
-    "AcquisitionTime": "X/Z",
-    "ActualHumanPerformersSequence": "X",
-    "AdditionalPatientHistory": "X",
-    "AdmissionID": "X",
-    "AdmittingDate": "X",
-    "AdmittingDiagnosesCodeSequence": "X",
-    "AdmittingDiagnosesDescription": "X",
-    "AdmittingTime": "X",
-    "Allergies": "X",
-    "Arbitrary": "X",
-    "AuthorObserverSequence": "X",
-    "BranchOfService": "X",
-    "CassetteID": "X",
-    "CommentsOnThePerformedProcedureStep": "X",
-    "ConcatenationUID": "U",
-    "ConfidentialityConstraintOnPatientDataDescription": "X",
-    "ContentCreatorIdentificationCodeSequence": "X",
-    "ContentCreatorName": "Z",
-    "ContentDate": "Z/D",
-    "ContentSequence": "X",
-    "ContentTime": "Z/D",
-    "ContextGroupExtensionCreatorUID": "U",
-    "ContrastBolusAgent": "Z/D",
-    "ContributionDescription": "X",
-    "CountryOfResidence": "X",
-    "CreatorVersionUID": "U",
-    "CurrentPatientLocation": "X",
-    "CurveDate": "X",
-    "CurveTime": "X",
-    "CustodialOrganizationSequence": "X",
-    "DataSetTrailingPadding": "X",
-    "DerivationDescription": "X",
-    "DetectorID": "X/D",
-    "DeviceSerialNumber": "X/Z/D",
-    "DeviceUID": "U",
-    "DigitalSignatureUID": "X",
-    "DigitalSignaturesSequence": "X",
-    "DimensionOrganizationUID": "U",
-    "DischargeDiagnosisDescription": "X",
-    "DistributionAddress": "X",
-    "DistributionName": "X",
-    "DoseReferenceUID": "U",
-    "EthnicGroup": "X",
-    "FailedSOPInstanceUIDList": "U",
-    "FiducialUID": "U",
-    "FillerOrderNumberImagingServiceRequest": "Z",
-    "FrameComments": "X",
-    "FrameOfReferenceUID": "U",
-    "GantryID": "X",
-    "GeneratorID": "X",
-    "GraphicAnnotationSequence": "D",
-    "HumanPerformerName": "X",
-    "HumanPerformerOrganization": "X",
-    "IconImageSequence": "X",
-    "IdentifyingComments": "X",
-    "ImageComments": "X",
-    "ImagePresentationComments": "X",
-    "ImagingServiceRequestComments": "X",
-    "Impressions": "X",
-    "InstanceCreationDate": "X/D",
-    "InstanceCreationTime": "X/Z/D",
-    "InstanceCreatorUID": "U",
-    "InstitutionAddress": "X",
-    "InstitutionCodeSequence": "X/Z/D",
-    "InstitutionName": "X/Z/D",
-    "InstitutionalDepartmentName": "X",
-    "InsurancePlanIdentification": "X",
-    "IntendedRecipientsOfResultsIdentificationSequence": "X",
-    "InterpretationApproverSequence": "X",
-    "InterpretationAuthor": "X",
-    "InterpretationDiagnosisDescription": "X",
-    "InterpretationIDIssuer": "X",
-    "InterpretationRecorder": "X",
-    "InterpretationText": "X",
-    "InterpretationTranscriber": "X",
-    "IrradiationEventUID": "U",
-    "IssuerOfAdmissionID": "X",
-    "IssuerOfPatientID": "X",
-    "IssuerOfServiceEpisodeID": "X",
-    "LargePaletteColorLookupTableUID": "U",
-    "LastMenstrualDate": "X",
-    "MAC": "X",
-    "MediaStorageSOPInstanceUID": "U",
-    "MedicalAlerts": "X",
-    "MedicalRecordLocator": "X",
-    "MilitaryRank": "X",
-    "ModifiedAttributesSequence": "X",
-    "ModifiedImageDescription": "X",
-    "ModifyingDeviceID": "X",
-    "ModifyingDeviceManufacturer": "X",
-    "NameOfPhysiciansReadingStudy": "X",
-    "NamesOfIntendedRecipientsOfResults": "X",
-    "Occupation": "X",
-    "OperatorIdentificationSequence": "X/D",
-    "OperatorsName": "X/Z/D",
-    "OrderCallbackPhoneNumber": "X",
-    "OrderEnteredBy": "X",
-    "OrderEntererLocation": "X",
-    "OriginalAttributesSequence": "X",
-    "OtherPatientIDs": "X",
-    "OtherPatientIDsSequence": "X",
-    "OtherPatientNames": "X",
-    "OverlayDate": "X",
-    "OverlayTime": "X",
-    "ParticipantSequence": "X",
-    "PatientAddress": "X",
-    "PatientAge": "X",
-    "PatientBirthDate": "Z",
-    "PatientBirthName": "X",
-    "PatientBirthTime": "X",
-    "PatientComments": "X",
-    "PatientID": "Z",  # replaced by Deidentifier.patient_key, a dummy value the profile allows
-    "PatientInstitutionResidence": "X",
-    "PatientInsurancePlanCodeSequence": "X",
-    "PatientMotherBirthName": "X",
-    "PatientName": "Z",
-    "PatientPrimaryLanguageCodeSequence": "X",
-    "PatientPrimaryLanguageModifierCodeSequence": "X",
-    "PatientReligiousPreference": "X",
-    "PatientSex": "Z",
-    "PatientSexNeutered": "X/Z",
-    "PatientSize": "X",
-    "PatientState": "X",
-    "PatientTelephoneNumbers": "X",
-    "PatientTransportArrangements": "X",
-    "PatientWeight": "X",
-    "PerformedLocation": "X",
-    "PerformedProcedureStepDescription": "X",
-    "PerformedProcedureStepEndDate": "X",
-    "PerformedProcedureStepEndTime": "X",
-    "PerformedProcedureStepID": "X",
-    "PerformedProcedureStepStartDate": "X",
-    "PerformedProcedureStepStartTime": "X",
-    "PerformedStationAETitle": "X",
-    "PerformedStationGeographicLocationCodeSequence": "X",
-    "PerformedStationName": "X",
-    "PerformedStationNameCodeSequence": "X",
-    "PerformingPhysicianIdentificationSequence": "X",
-    "PerformingPhysicianName": "X",
-    "PersonAddress": "X",
-    "PersonIdentificationCodeSequence": "D",
-    "PersonName": "D",
-    "PersonTelephoneNumbers": "X",
-    "PhysicianApprovingInterpretation": "X",
-    "PhysiciansOfRecord": "X",
-    "PhysiciansOfRecordIdentificationSequence": "X",
-    "PhysiciansReadingStudyIdentificationSequence": "X",
-    "PlacerOrderNumberImagingServiceRequest": "Z",
-    "PreMedication": "X",
-    "PregnancyStatus": "X",
-    "ProtocolName": "X/D",
-    "ReasonForStudy": "X",
-    "ReasonForTheImagingServiceRequest": "X",
-    "ReferencedDigitalSignatureSequence": "X",
-    "ReferencedFrameOfReferenceUID": "U",
-    "ReferencedGeneralPurposeScheduledProcedureStepTransactionUID": "U",
-    "ReferencedImageSequence": "X/Z/U*",
-    "ReferencedPatientAliasSequence": "X",
-    "ReferencedPatientPhotoSequence": "X",
-    "ReferencedPatientSequence": "X",
-    "ReferencedPerformedProcedureStepSequence": "X/Z/D",
-    "ReferencedSOPInstanceMACSequence": "X",
-    "ReferencedSOPInstanceUID": "U",
-    "ReferencedSOPInstanceUIDInFile": "U",
-    "ReferencedStudySequence": "X/Z",
-    "ReferringPhysicianAddress": "X",
-    "ReferringPhysicianIdentificationSequence": "X",
-    "ReferringPhysicianName": "Z",
-    "ReferringPhysicianTelephoneNumbers": "X",
-    "RegionOfResidence": "X",
-    "RelatedFrameOfReferenceUID": "U",
-    "RequestAttributesSequence": "X",
-    "RequestedContrastAgent": "X",
-    "RequestedProcedureComments": "X",
-    "RequestedProcedureDescription": "X/Z",
-    "RequestedProcedureID": "X",
-    "RequestedProcedureLocation": "X",
-    "RequestingPhysician": "X",
-    "RequestingService": "X",
-    "ResponsibleOrganization": "X",
-    "ResponsiblePerson": "X",
-    "ResultsComments": "X",
-    "ResultsDistributionListSequence": "X",
-    "ResultsIDIssuer": "X",
-    "ReviewerName": "X/Z",
-    "ScheduledHumanPerformersSequence": "X",
-    "ScheduledPatientInstitutionResidence": "X",
-    "ScheduledPerformingPhysicianIdentificationSequence": "X",
-    "ScheduledPerformingPhysicianName": "X",
-    "ScheduledProcedureStepDescription": "X",
-    "ScheduledProcedureStepEndDate": "X",
-    "ScheduledProcedureStepEndTime": "X",
-    "ScheduledProcedureStepLocation": "X",
-    "ScheduledProcedureStepStartDate": "X",
-    "ScheduledProcedureStepStartTime": "X",
-    "ScheduledStationAETitle": "X",
-    "ScheduledStationGeographicLocationCodeSequence": "X",
-    "ScheduledStationName": "X",
-    "ScheduledStationNameCodeSequence": "X",
-    "ScheduledStudyLocation": "X",
-    "ScheduledStudyLocationAETitle": "X",
-    "SeriesDate": "X/D",
-    "SeriesDescription": "X",
-    "SeriesInstanceUID": "U",
-    "SeriesTime": "X/D",
-    "ServiceEpisodeDescription": "X",
-    "ServiceEpisodeID": "X",
-    "SmokingStatus": "X",
-    "SOPInstanceUID": "U",
-    "SourceImageSequence": "X/Z/U*",
-    "SpecialNeeds": "X",
-    "StationName": "X/Z/D",
-    "StorageMediaFileSetUID": "U",
-    "StudyComments": "X",
-    "StudyDate": "Z",
-    "StudyDescription": "X",
-    "StudyID": "Z",
-    "StudyIDIssuer": "X",
-    "StudyInstanceUID": "U",
-    "StudyTime": "Z",
-    "SynchronizationFrameOfReferenceUID": "U",
-    "TemplateExtensionCreatorUID": "U",
-    "TemplateExtensionOrganizationUID": "U",
-    "TextComments": "X",
-    "TextString": "X",
-    "TimezoneOffsetFromUTC": "X",
-    "TopicAuthor": "X",
-    "TopicKeywords": "X",
-    "TopicSubject": "X",
-    "TopicTitle": "X",
-    "TransactionUID": "U",
-    "UID": "U",
-    "VerifyingObserverIdentificationCodeSequence": "Z",
-    "VerifyingObserverName": "D",
-    "VerifyingObserverSequence": "D",
-    "VerifyingOrganization": "X",
-    "VisitComments": "X",
-}
-
-# Not in the table but identifying in practice (AE titles name a site's machines).
-EXTRA_REMOVALS: tuple[str, ...] = (
-    "SourceApplicationEntityTitle",
-    "SendingApplicationEntityTitle",
-    "ReceivingApplicationEntityTitle",
-    "PrivateInformationCreatorUID",
-    "PrivateInformation",
-    "StationAETitle",
-)
-
-# Elements of VR UI that name what something is, not which instance: never remapped.
+TEXT_VRS = frozenset({"AE", "AS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+DATE_VRS = frozenset({"DA", "DT", "TM"})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+# Text elements kept although the profile does not list them: codes and units that say what
+# pixels mean, never who or when (see docs/deid.md).
+KEEP_TEXT = frozenset({"CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion",
+                       "CodeMeaning", "LongCodeValue", "URNCodeValue", "ModalityLUTType",
+                       "RescaleType"})
+KEEP_BINARY = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData", "LUTData"})
+PATIENT_CHARACTERISTICS = frozenset({"PatientSex", "PatientAge", "PatientSize", "PatientWeight"})
+MANUFACTURER = frozenset({"Manufacturer", "ManufacturerModelName"})
+DESCRIPTORS = frozenset({"StudyDescription", "SeriesDescription", "ProtocolName",
+                         "PerformedProcedureStepDescription", "RequestedProcedureDescription",
+                         "AcquisitionDeviceProcessingDescription"})
+NEVER_SHIFTED = frozenset({"PatientBirthDate", "PatientBirthTime", "PatientBirthDateTime"})
+# text of the data set that a cleaned descriptor must not repeat
+_IDENTIFYING = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+                "PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID",
+                "ReferringPhysicianName", "InstitutionName")
 _KEPT_UID_KEYWORDS = frozenset({"CodingSchemeUID", "MappingResourceUID", "ContextUID"})
-
-_DUMMY_BY_VR: dict[str, str] = {
-    "PN": "ANONYMOUS",
-    "DA": "19000101",
-    "TM": "000000",
-    "DT": "19000101000000",
-    "LO": "ANONYMIZED",
-    "SH": "ANONYMIZED",
-    "CS": "ANONYMIZED",
-    "ST": "ANONYMIZED",
-    "LT": "ANONYMIZED",
-    "UT": "ANONYMIZED",
-}
-
-_PATIENT_ID_TAG = Tag("PatientID")
+_DUMMY_BY_VR: dict[str, str] = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000",
+                                "DT": "19000101000000", "LO": "ANONYMIZED", "SH": "ANONYMIZED",
+                                "CS": "ANONYMIZED", "ST": "ANONYMIZED", "LT": "ANONYMIZED",
+                                "UT": "ANONYMIZED"}
+# PS3.16 CID 7050 De-identification Method
+CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
+         "clean_descriptors": ("113105", "Clean Descriptors Option"),
+         "retain_longitudinal": ("113107", "Retain Longitudinal Temporal Information Modified "
+                                           "Dates Option"),
+         "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option")}
+# what a caller is refused by default: SOP classes and modalities known to carry burned-in text
+BURNED_IN_CLASSES = ("1.2.840.10008.5.1.4.1.1.7",     # secondary capture, all its variants
+                     "1.2.840.10008.5.1.4.1.1.6.",    # ultrasound (measurements, names)
+                     "1.2.840.10008.5.1.4.1.1.3.1",   # ultrasound multi-frame
+                     "1.2.840.10008.5.1.4.1.1.77.1.1",  # video endoscopic / photographic
+                     "1.2.840.10008.5.1.4.1.1.77.1.4")
+BURNED_IN_MODALITIES = frozenset({"SC", "US", "XC", "ES", "DOC"})
 _PATIENT_GROUP = 0x0010
+_PATIENT_ID = Tag("PatientID")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The profile options a staging asked for (all off: the Basic Profile alone)."""
+
+    retain_patient_characteristics: bool = False
+    retain_longitudinal: bool = False   # PS3.15 "Modified Dates": a keyed per-patient shift
+    clean_descriptors: bool = False
+    retain_manufacturer: bool = False   # medray's own: Manufacturer, ManufacturerModelName
+
+    @classmethod
+    def from_flags(cls, retain: Seq[str] = (), clean: Seq[str] = ()) -> Options:
+        return cls(retain_patient_characteristics="patient-characteristics" in retain,
+                   retain_longitudinal="longitudinal" in retain,
+                   clean_descriptors="descriptors" in clean,
+                   retain_manufacturer="manufacturer" in retain)
+
+    def codes(self) -> list[tuple[str, str]]:
+        """The CID 7050 codes of what is done: the profile and each option in effect."""
+        names = ["basic", *(n for n in ("clean_descriptors", "retain_longitudinal",
+                                        "retain_patient_characteristics") if getattr(self, n))]
+        return [CODES[n] for n in names]
+
+    def describe(self) -> dict[str, object]:
+        """What the manifest records of the de-identification."""
+        return {"profile": PROFILE, "edition": EDITION, "table_source": SOURCE,
+                "profile_version": PROFILE_VERSION,
+                "options": {"retain_patient_characteristics": self.retain_patient_characteristics,
+                            "retain_longitudinal_modified_dates": self.retain_longitudinal,
+                            "clean_descriptors": self.clean_descriptors,
+                            "retain_manufacturer": self.retain_manufacturer},
+                "method_codes": [c for c, _ in self.codes()]}
+
+
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why the pixels of ``ds`` may hold burned-in text (refuse them), or None."""
+    if str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
+        return "its BurnedInAnnotation is YES"
+    sop = str(ds.get("SOPClassUID") or "")
+    if sop and any(sop == c or (c.endswith(".") and sop.startswith(c)) or
+                   sop.startswith(c + ".") for c in BURNED_IN_CLASSES):
+        return f"its SOP class {sop} (secondary capture, ultrasound, photo) often carries text"
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modality in BURNED_IN_MODALITIES:
+        return f"its modality {modality} often carries burned-in text"
+    return None
+
+
+def check_salt(salt: bytes) -> None:
+    """ConfigError unless ``salt`` is long and varied enough that nothing derived from it (a
+    public salt_id, a pseudonym) lets anyone guess it offline."""
+    if not isinstance(salt, bytes | bytearray):
+        raise ConfigError("the de-identification salt must be bytes (e.g. os.urandom(32))")
+    material = bytes(salt)
+    text = material.strip()
+    if re.fullmatch(rb"[0-9a-fA-F]+", text) and len(text) % 2 == 0:
+        material = bytes.fromhex(text.decode())  # medray writes its salt as hex
+    if len(material) < MIN_SALT_BYTES or len(set(material)) < MIN_SALT_SYMBOLS:
+        raise ConfigError(
+            f"the de-identification salt is too weak ({len(material)} bytes, "
+            f"{len(set(material))} distinct): use {MIN_SALT_BYTES} random bytes "
+            "(medray generates them; `openssl rand -hex 32`) and keep them secret")
+
+
+@dataclass
+class _Context:
+    """What cleaning one data set needs besides its elements."""
+
+    shift_days: int = 0
+    tokens: set[str] = field(default_factory=set)  # what a cleaned descriptor must not say
+
+
+class Deidentifier:
+    """Applies the profile with the salt's keyed pseudonyms: the same salt always gives the
+    same patient keys, UIDs, date shifts and path pseudonyms, so images of one patient or
+    study stay linked across runs; without the salt they cannot be reversed or recomputed."""
+
+    def __init__(self, salt: bytes, options: Options | None = None) -> None:
+        check_salt(salt)
+        self._salt = bytes(salt)
+        self.options = options or Options()
+
+    def __repr__(self) -> str:  # never show the salt in logs
+        return f"Deidentifier(salt=<hidden>, options={self.options})"
+
+    def _mac(self, message: bytes) -> bytes:
+        return hmac.new(self._salt, message, hashlib.sha256).digest()
+
+    def patient_key(self, raw_id: str) -> str:
+        """HMAC-SHA256(salt, raw_id) as 32 hex characters: a stable, irreversible pseudonym."""
+        return self._mac(raw_id.encode("utf-8")).hex()[:PATIENT_KEY_HEX_CHARS]
+
+    def pseudonym(self, uri: str) -> str:
+        """A source path's keyed pseudonym, ``dicom:<32 hex>``: what lake rows carry."""
+        return "dicom:" + self._mac(b"path\x00" + uri.encode("utf-8")).hex()[:32]
+
+    def remap_uid(self, uid: str) -> str:
+        """A new UID ``2.25.<128-bit integer>`` derived from ``uid``; same input, same output
+        (PS3.5 B.2's UUID root; at most 44 characters)."""
+        digest = self._mac(b"uid\x00" + uid.strip().encode("ascii", "replace"))
+        return f"2.25.{int.from_bytes(digest[:16], 'big') or 1}"
+
+    def shift_days(self, raw_patient: str) -> int:
+        """Days a patient's dates move back (1..MAX_SHIFT_DAYS), keyed: the same patient, the
+        same shift, so intervals between their studies survive."""
+        digest = self._mac(b"shift\x00" + raw_patient.encode("utf-8"))
+        return 1 + int.from_bytes(digest[:4], "big") % MAX_SHIFT_DAYS
+
+    def deidentify(self, ds: Dataset) -> Dataset:
+        """A de-identified deep copy of ``ds``; ``ds`` itself is left untouched."""
+        out = copy.deepcopy(ds)
+        ctx = _Context(shift_days=self.shift_days(str(ds.get("PatientID") or "")),
+                       tokens=_identifying_tokens(ds))
+        self._clean(out, ctx)
+        meta = getattr(out, "file_meta", None)
+        if meta is not None:
+            self._clean_file_meta(meta)
+        if getattr(out, "preamble", None) is not None:
+            out.preamble = b"\x00" * 128
+        self._mark(out)
+        return out
+
+    # -- the decision, element by element --------------------------------------------------
+    def action(self, tag: BaseTag, elem: DataElement) -> str:
+        """X, Z, D, U, K (keep), recurse, shift, clean or pseudonym."""
+        group, keyword = tag.group, keyword_for_tag(tag) or ""
+        if tag.is_private or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+            return "X"
+        opts, vr = self.options, elem.VR
+        code = _table_code(int(tag))
+        if opts.retain_patient_characteristics and keyword in PATIENT_CHARACTERISTICS:
+            return "K"
+        if opts.retain_longitudinal and vr in DATE_VRS and keyword not in NEVER_SHIFTED:
+            return "shift" if vr != "TM" else "K"  # whole days: a time of day is unchanged
+        if opts.clean_descriptors and keyword in DESCRIPTORS:
+            return "clean"
+        if opts.retain_manufacturer and keyword in MANUFACTURER:
+            return "K"
+        if code is not None:
+            if tag == _PATIENT_ID:
+                return "pseudonym"
+            return _resolve(code, vr)
+        if group == _PATIENT_GROUP or vr == "UN":
+            return "X"
+        if vr == "SQ":
+            return "recurse"
+        if vr == "UI":
+            return "U" if _uid_is_instance(keyword, elem) else "K"
+        if vr in TEXT_VRS or vr in DATE_VRS:
+            return "K" if keyword in KEEP_TEXT else "X"
+        if vr in BINARY_VRS:
+            return "K" if keyword in KEEP_BINARY or keyword.endswith("LookupTableData") else "X"
+        return "K"
+
+    def _clean(self, ds: Dataset, ctx: _Context) -> None:
+        for raw_tag in list(ds.keys()):
+            tag = Tag(raw_tag)
+            try:
+                elem = ds[tag]
+            except Exception:  # noqa: BLE001 - a value pydicom cannot read cannot be vetted
+                logger.debug("removing unreadable element %s", tag)
+                del ds[tag]
+                continue
+            self._apply(ds, tag, elem, self.action(tag, elem), ctx)
+
+    def _apply(self, ds: Dataset, tag: BaseTag, elem: DataElement, action: str,
+               ctx: _Context) -> None:
+        if action == "X":
+            del ds[tag]
+        elif action == "pseudonym":
+            raw = "" if elem.value is None else str(elem.value)
+            elem.value = self.patient_key(raw) if raw else ""
+        elif action == "Z":
+            elem.value = elem.empty_value
+        elif action == "D":
+            elem.value = _DUMMY_BY_VR.get(elem.VR, elem.empty_value)
+        elif action == "U":
+            elem.value = self._remap_value(elem)
+        elif action == "shift":
+            shifted = _shift(elem, ctx.shift_days)
+            if shifted is None:
+                del ds[tag]
+            else:
+                elem.value = shifted
+        elif action == "clean":
+            elem.value = _clean_text(str(elem.value or ""), ctx.tokens)
+        elif action == "recurse" and elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                self._clean(item, ctx)
+        # "K": keep
+
+    def _remap_value(self, elem: DataElement) -> object:
+        if elem.VR != "UI":  # a UID attribute stored with another VR: do not guess, empty it
+            return elem.empty_value
+        if elem.value is None or elem.value == "":
+            return elem.value
+        if elem.VM > 1:
+            return [self.remap_uid(str(v)) for v in elem.value]
+        return self.remap_uid(str(elem.value))
+
+    def _clean_file_meta(self, meta: FileMetaDataset) -> None:
+        for raw_tag in list(meta.keys()):
+            tag = Tag(raw_tag)
+            elem = meta[tag]
+            keyword = elem.keyword
+            if keyword in ("FileMetaInformationGroupLength", "FileMetaInformationVersion",
+                           "MediaStorageSOPClassUID", "TransferSyntaxUID",
+                           "ImplementationClassUID", "ImplementationVersionName"):
+                continue
+            if keyword == "MediaStorageSOPInstanceUID":
+                elem.value = self._remap_value(elem)
+            else:  # AE titles, private information: they name sites and machines
+                del meta[tag]
+
+    def _mark(self, out: Dataset) -> None:
+        opts = self.options
+        out.PatientIdentityRemoved = "YES"
+        method = [f"PS3.15 E.1-1 Basic Profile, edition {EDITION}", PROFILE_VERSION,
+                  "PatientID: HMAC pseudonym; UIDs remapped (HMAC, 2.25 root)",
+                  "Also removed: private, curve, overlay and UN elements",
+                  "Also removed: unlisted text, name, date and binary elements"]
+        method += [meaning for code, meaning in opts.codes() if code != "113100"]
+        out.DeidentificationMethod = [m[:64] for m in method]  # LO: 64 characters a value
+        items = []
+        for code, meaning in opts.codes():
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code, "DCM", meaning
+            items.append(item)
+        out.DeidentificationMethodCodeSequence = Sequence(items)
+        out.LongitudinalTemporalInformationModified = ("MODIFIED" if opts.retain_longitudinal
+                                                       else "REMOVED")
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _table_code(tag: int) -> str | None:
+    code = ACTIONS.get(tag)
+    if code is not None:
+        return code
+    for value, mask, masked_code in MASKED:
+        if tag & mask == value:
+            return masked_code
+    return None
 
 
 def _resolve(code: str, vr: str) -> str:
-    """The one action ("X", "Z", "D", "U" or "recurse") taken for a Table E.1-1 code."""
+    """The one action ("X", "Z", "D", "U" or "recurse") taken for a Table E.1-1 code: the
+    most protective one the code allows."""
     if "U*" in code:
         return "recurse"
     if code == "U":
@@ -353,354 +359,58 @@ def _resolve(code: str, vr: str) -> str:
     raise ValueError(f"unknown PS3.15 action code {code!r}")
 
 
-def _tag_table() -> dict[BaseTag, str]:
-    table: dict[BaseTag, str] = {}
-    for keyword, code in BASIC_PROFILE.items():
-        tag = tag_for_keyword(keyword)
-        if tag is None:  # a typo in the table must fail loudly, not leak silently
-            raise RuntimeError(f"unknown DICOM keyword in BASIC_PROFILE: {keyword}")
-        table[Tag(tag)] = code
-    for keyword in EXTRA_REMOVALS:
-        tag = tag_for_keyword(keyword)
-        if tag is None:
-            raise RuntimeError(f"unknown DICOM keyword in EXTRA_REMOVALS: {keyword}")
-        table[Tag(tag)] = "X"
-    return table
+def _uid_is_instance(keyword: str, elem: DataElement) -> bool:
+    if keyword.endswith("ClassUID") or "TransferSyntax" in keyword:
+        return False
+    if keyword in _KEPT_UID_KEYWORDS:
+        return False
+    values = elem.value if elem.VM > 1 else [elem.value]
+    registered = all(str(v).startswith("1.2.840.10008.") or str(v) in UID_dictionary
+                     for v in values if v)
+    return not registered
 
 
-_TAG_ACTIONS: dict[BaseTag, str] = _tag_table()
+def _shift(elem: DataElement, days: int) -> object | None:
+    """A DA or DT value moved ``days`` back (a DT keeps its time, loses its UTC offset);
+    None when a value is not a date medray can read (then it is removed)."""
+    values = elem.value if elem.VM > 1 else [elem.value]
+    out: list[str] = []
+    for value in values:
+        text = str(value or "").strip()
+        if not text:
+            out.append(text)
+            continue
+        try:
+            day = dt.datetime.strptime(text[:8], "%Y%m%d").date() - dt.timedelta(days=days)
+        except ValueError:
+            return None
+        rest = re.split(r"[+-]", text[8:], maxsplit=1)[0] if elem.VR == "DT" else ""
+        out.append(day.strftime("%Y%m%d") + rest)
+    return out if elem.VM > 1 else out[0]
 
-# Non-identifying attributes reported as metadata: (DICOM keyword, metadata key).
-_SAFE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("Modality", "modality"),
-    ("BodyPartExamined", "body_part_examined"),
-    ("ViewPosition", "view_position"),
-    ("Rows", "rows"),
-    ("Columns", "columns"),
-    ("BitsStored", "bits_stored"),
-    ("PhotometricInterpretation", "photometric_interpretation"),
-    ("PixelSpacing", "pixel_spacing"),
-    ("BurnedInAnnotation", "burned_in_annotation"),
-)
-_INT_FIELDS = frozenset({"Rows", "Columns", "BitsStored"})
-_MAX_TEXT = 64
 
-
-def safe_metadata(ds: Dataset) -> dict[str, str | int | float]:
-    """Non-identifying attributes of ``ds`` (modality, body part, view, size, bits, spacing).
-
-    Multi-valued attributes (PixelSpacing) are joined with DICOM's own separator, a backslash:
-    ``"0.3125\\0.3125"``. Missing or unreadable attributes are left out, never guessed.
-    """
-    meta: dict[str, str | int | float] = {}
-    for keyword, key in _SAFE_FIELDS:
+def _identifying_tokens(ds: Dataset) -> set[str]:
+    tokens: set[str] = set()
+    for keyword in _IDENTIFYING:
         try:
             value = ds.get(keyword)
-            if value is None or value == "":
-                continue
-            if keyword in _INT_FIELDS:
-                meta[key] = int(value)
-            elif isinstance(value, list | tuple | MultiValue):
-                meta[key] = "\\".join(str(v) for v in value)[:_MAX_TEXT]
-            else:
-                text = str(value).strip()
-                if text:
-                    meta[key] = text[:_MAX_TEXT]
-        except Exception:  # noqa: BLE001 - a broken optional attribute is simply not reported
-            logger.debug("skipping unreadable DICOM attribute %s", keyword)
-    try:
-        ts = getattr(ds, "file_meta", None)
-        ts_uid = ts.get("TransferSyntaxUID") if ts is not None else None
-        if ts_uid:
-            meta["transfer_syntax"] = str(ts_uid)[:_MAX_TEXT]
-    except Exception:  # noqa: BLE001
-        logger.debug("skipping unreadable transfer syntax")
-    return meta
+        except Exception:  # noqa: BLE001 - unreadable: nothing to learn from it
+            logger.debug("cannot read %s for descriptor cleaning", keyword)
+            continue
+        for part in re.split(r"[^0-9A-Za-z]+", str(value or "")):
+            if len(part) >= 2:
+                tokens.add(part.casefold())
+    return tokens
 
 
-class Deidentifier:
-    """Pseudonymises patients and UIDs with a keyed hash and applies the Basic Profile.
-
-    The same salt always gives the same pseudonyms, so images of one patient or one study stay
-    linked across runs; without the salt the pseudonyms cannot be reversed or recomputed.
-    """
-
-    def __init__(self, salt: bytes) -> None:
-        if not isinstance(salt, bytes | bytearray):
-            raise ConfigError("the de-identification salt must be bytes (e.g. os.urandom(32))")
-        if len(salt) < MIN_SALT_BYTES:
-            raise ConfigError(
-                f"the de-identification salt has {len(salt)} bytes; use at least "
-                f"{MIN_SALT_BYTES} random bytes (e.g. os.urandom(32)) and keep it secret"
-            )
-        self._salt = bytes(salt)
-
-    def __repr__(self) -> str:  # never show the salt in logs
-        return "Deidentifier(salt=<hidden>)"
-
-    def _mac(self, message: bytes) -> bytes:
-        return hmac.new(self._salt, message, hashlib.sha256).digest()
-
-    def patient_key(self, raw_id: str) -> str:
-        """HMAC-SHA256(salt, raw_id) as 32 hex characters: a stable, irreversible pseudonym."""
-        return self._mac(raw_id.encode("utf-8")).hex()[:PATIENT_KEY_HEX_CHARS]
-
-    def remap_uid(self, uid: str) -> str:
-        """A new UID ``2.25.<128-bit integer>`` derived from ``uid``; same input, same output.
-
-        ``2.25`` is the UUID-derived root of PS3.5 B.2; a 128-bit integer has at most 39 digits,
-        so the result is at most 44 characters (the limit is 64).
-        """
-        digest = self._mac(b"uid\x00" + uid.strip().encode("ascii", "replace"))
-        number = int.from_bytes(digest[:16], "big") or 1
-        return f"2.25.{number}"
-
-    def safe_metadata(self, ds: Dataset) -> dict[str, str | int | float]:
-        """Same as the module-level :func:`safe_metadata`."""
-        return safe_metadata(ds)
-
-    def deidentify(self, ds: Dataset) -> Dataset:
-        """A de-identified deep copy of ``ds``; ``ds`` itself is left untouched."""
-        out = copy.deepcopy(ds)
-        self._clean(out)
-        meta = getattr(out, "file_meta", None)
-        if meta is not None:
-            self._clean_file_meta(meta)
-        if getattr(out, "preamble", None) is not None:
-            out.preamble = b"\x00" * 128
-        out.PatientIdentityRemoved = "YES"
-        out.DeidentificationMethod = list(DEIDENTIFICATION_METHOD)
-        code = Dataset()
-        code.CodeValue = "113100"
-        code.CodingSchemeDesignator = "DCM"
-        code.CodeMeaning = "Basic Application Confidentiality Profile"
-        out.DeidentificationMethodCodeSequence = Sequence([code])
-        out.LongitudinalTemporalInformationModified = "REMOVED"
-        return out
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _clean(self, ds: Dataset) -> None:
-        for tag in list(ds.keys()):
-            tag = Tag(tag)
-            try:
-                elem = ds[tag]
-            except Exception:  # noqa: BLE001 - a value we cannot even read cannot be vetted
-                logger.debug("removing unreadable element %s", tag)
-                del ds[tag]
-                continue
-            action = self._action_for(tag, elem)
-            self._apply(ds, tag, elem, action)
-
-    def _action_for(self, tag: BaseTag, elem: DataElement) -> str:
-        if tag.is_private:
-            return "X"
-        group = tag.group
-        if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
-            return "X"  # curves and overlays (burned-in graphics, comments)
-        code = _TAG_ACTIONS.get(tag)
-        if code is not None:
-            return _resolve(code, elem.VR)
-        if group == _PATIENT_GROUP:
-            return "X"
-        if elem.VR == "UI":
-            return "U" if self._uid_is_instance(tag, elem) else "K"
-        if elem.VR == "SQ":
-            return "recurse"
-        return "K"
-
-    @staticmethod
-    def _uid_is_instance(tag: BaseTag, elem: DataElement) -> bool:
-        keyword = keyword_for_tag(tag) or ""
-        if keyword.endswith("ClassUID") or "TransferSyntax" in keyword:
-            return False
-        if keyword in _KEPT_UID_KEYWORDS:
-            return False
-        values = elem.value if elem.VM > 1 else [elem.value]
-        registered = all(
-            str(v).startswith("1.2.840.10008.") or str(v) in UID_dictionary for v in values if v
-        )
-        return not registered
-
-    def _apply(self, ds: Dataset, tag: BaseTag, elem: DataElement, action: str) -> None:
-        if action == "X":
-            del ds[tag]
-        elif tag == _PATIENT_ID_TAG:
-            raw = "" if elem.value is None else str(elem.value)
-            elem.value = self.patient_key(raw) if raw else ""
-        elif action == "Z":
-            elem.value = elem.empty_value
-        elif action == "D":
-            elem.value = _DUMMY_BY_VR.get(elem.VR, elem.empty_value)
-        elif action == "U":
-            elem.value = self._remap_value(elem)
-        elif action == "recurse" and elem.VR == "SQ" and elem.value is not None:
-            for item in elem.value:
-                self._clean(item)
-        # "K": keep
-
-    def _remap_value(self, elem: DataElement) -> object:
-        if elem.VR != "UI":  # a UID attribute stored with another VR: do not guess, empty it
-            return elem.empty_value
-        if elem.value is None or elem.value == "":
-            return elem.value
-        if elem.VM > 1:
-            return [self.remap_uid(str(v)) for v in elem.value]
-        return self.remap_uid(str(elem.value))
-
-    def _clean_file_meta(self, meta: FileMetaDataset) -> None:
-        for tag in list(meta.keys()):
-            tag = Tag(tag)
-            code = _TAG_ACTIONS.get(tag)
-            if code is None:
-                continue
-            action = _resolve(code, meta[tag].VR)
-            if action == "X":
-                del meta[tag]
-            elif action == "U":
-                meta[tag].value = self._remap_value(meta[tag])
+def _clean_text(text: str, identifying: set[str]) -> str:
+    """A descriptor without the data set's names and IDs, and without any token holding a
+    digit run of three or more (dates, record numbers): ``--clean descriptors``."""
+    kept = [t for t in re.split(r"\s+", text)
+            if t and not re.search(r"\d{3,}", t)
+            and not any(p.casefold() in identifying for p in re.split(r"[^0-9A-Za-z]+", t)
+                        if p)]
+    return " ".join(kept)[:64]
 
 
-# -- reading DICOM bytes safely --------------------------------------------------------------
-
-DEFAULT_MAX_PIXELS = 50_000_000
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_INFLATE_BASE = 16 * 1024 * 1024
-_INFLATE_PER_PIXEL = 6  # 3 samples x 16 bits: the largest common uncompressed pixel
-_INFLATE_CHUNK = 4 * 1024 * 1024
-_MAX_MESSAGE = 300
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
-
-
-def _file_meta_end(data: bytes) -> tuple[int, str] | None:
-    """(offset of the data set after the file-meta group, transfer syntax), if there is one."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        return None
-    pos, ts = 132, ""
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, pos)
-        if group != 0x0002:
-            break
-        if data[pos + 4 : pos + 6] in _LONG_VRS:
-            if pos + 12 > len(data):
-                return None
-            (length,) = struct.unpack_from("<I", data, pos + 8)
-            head = 12
-        else:
-            (length,) = struct.unpack_from("<H", data, pos + 6)
-            head = 8
-        if element == 0x0010:
-            ts = data[pos + head : pos + head + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos += head + length
-    return pos, ts
-
-
-def _guard_deflate(data: bytes, max_pixels: int) -> None:
-    """pydicom inflates a deflated data set in one go: measure it first, in bounded chunks."""
-    meta = _file_meta_end(data)
-    if meta is None or meta[1] != _DEFLATED:
-        return
-    limit = _INFLATE_BASE + _INFLATE_PER_PIXEL * max_pixels
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending = data[meta[0] :]
-    total = 0
-    try:
-        while pending and not inflater.eof:
-            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
-            if total > limit:
-                raise ImageError(
-                    f"the deflated DICOM inflates to more than {limit} bytes", "too_large"
-                )
-            pending = inflater.unconsumed_tail
-    except zlib.error as exc:
-        raise ImageError(f"corrupt deflated DICOM: {_short(exc)}", "invalid") from exc
-
-
-def read_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
-    """Parse DICOM bytes (``force=True``: a missing preamble is fine) without unbounded memory.
-
-    A deflated data set is inflated only up to a bound derived from ``max_pixels``
-    (16 MiB + 6 bytes a pixel). Raises ImageError (``empty``, ``too_large``, ``truncated``,
-    ``invalid``), nothing else.
-    """
-    if not data:
-        raise ImageError("the DICOM input is empty (0 bytes)", "empty")
-    _guard_deflate(data, max_pixels)
-    try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
-        kind = "truncated" if isinstance(exc, EOFError) else "invalid"
-        raise ImageError(f"cannot parse DICOM: {_short(exc)}", kind) from exc
-
-
-def _ensure_file_meta(ds: Dataset) -> None:
-    """Give a dataset read without a file-meta header the minimum needed to write a file."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        meta = FileMetaDataset()
-        ds.file_meta = meta
-    if not meta.get("TransferSyntaxUID"):
-        implicit, little = ds.original_encoding
-        if implicit is None or implicit:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        else:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    if not meta.get("MediaStorageSOPClassUID") and ds.get("SOPClassUID"):
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    if not meta.get("MediaStorageSOPInstanceUID") and ds.get("SOPInstanceUID"):
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-
-
-def _write(ds: Dataset) -> bytes:
-    attempts: tuple[Callable[[io.BytesIO], None], ...] = (
-        lambda buf: ds.save_as(buf, enforce_file_format=True),
-        lambda buf: ds.save_as(buf, enforce_file_format=False),
-    )
-    last: Exception | None = None
-    for attempt in attempts:
-        buf = io.BytesIO()
-        try:
-            attempt(buf)
-            return buf.getvalue()
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for odd datasets
-            last = exc
-    detail = _short(last) if last is not None else "unknown error"
-    raise ImageError(f"cannot write the de-identified DICOM: {detail}", "invalid") from last
-
-
-def deidentify_bytes(
-    data: bytes, deidentifier: Deidentifier, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[bytes, dict]:
-    """De-identify a DICOM file given as bytes: (de-identified file bytes, safe metadata).
-
-    The result is a DICOM file with a zeroed preamble and a file-meta header, also when the
-    input had neither (a data set without SOP Class/Instance UIDs, which cannot have a valid
-    header, is written as a bare data set). Raises ImageError for input that is empty or not
-    DICOM, or too large to inflate (``max_pixels``, see ``read_dicom``).
-    """
-    ds = read_dicom(data, max_pixels=max_pixels)
-    if len(ds) == 0:
-        raise ImageError("no DICOM data elements found", "not_an_image")
-    try:
-        _ensure_file_meta(ds)
-        clean = deidentifier.deidentify(ds)
-    except ImageError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"cannot de-identify DICOM: {_short(exc)}", "invalid") from exc
-    return _write(clean), safe_metadata(clean)
-
-
-__all__ = [
-    "BASIC_PROFILE",
-    "DEFAULT_MAX_PIXELS",
-    "Deidentifier",
-    "deidentify_bytes",
-    "read_dicom",
-    "safe_metadata",
-]
+__all__ = ["PROFILE_VERSION", "Deidentifier", "Options", "burned_in_reason", "check_salt"]

@@ -3,8 +3,9 @@
 The Modality LUT (rescale slope/intercept or LUT) is applied, then the VOI LUT sequence or the
 first Window Center/Width (LINEAR, LINEAR_EXACT, SIGMOID), else min-max; MONOCHROME1 is
 inverted after windowing so that bone stays bright; PALETTE COLOR goes through its colour LUT;
-YBR is converted to RGB by pydicom. Declared dimensions are checked against ``max_pixels``
-before any pixel is decoded. Pure code: no I/O.
+YBR is converted to RGB by pydicom. Declared dimensions, of the data set and of a compressed
+frame's codestream (``codestreams``), are checked against ``max_pixels`` before any pixel is
+decoded. Pure code: no I/O.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from medray.workers.deid import read_dicom, safe_metadata
+from medray.workers.codestreams import check_frame
+from medray.workers.deid import burned_in_reason
+from medray.workers.dicom_io import read_dicom, safe_metadata
 from medray.workers.errors import ImageError
 from medray.workers.pixels import (
     DecodedImage,
@@ -46,20 +49,29 @@ _COLOR = frozenset(
 )
 
 
-def _int(value: object, default: int) -> int:
+def _int(value: object, default: int, keyword: str = "attribute") -> int:
+    """An integer attribute; ImageError (``invalid``) when the file holds something else."""
     if value is None or value == "":
         return default
-    return int(value)  # type: ignore[call-overload]
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"the DICOM {keyword} is not an integer: {short_message(exc)}",
+                         "invalid") from exc
 
 
 def _first_float(value: object) -> float | None:
+    """The first number of a DS attribute; None when absent or not a finite number."""
     if value is None or value == "":
         return None
     if isinstance(value, list | tuple | MultiValue):
         if len(value) == 0:
             return None
         value = value[0]
-    number = float(value)  # type: ignore[arg-type]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
     return number if math.isfinite(number) else None
 
 
@@ -99,7 +111,7 @@ def _check_decodable(ts: UID) -> bool:
 
 
 def _check_native_length(ds: Dataset, rows: int, cols: int, spp: int, photometric: str) -> None:
-    bits = _int(ds.get("BitsAllocated"), 0)
+    bits = _int(ds.get("BitsAllocated"), 0, "Bits Allocated")
     if bits not in (1, 8, 16, 32, 64):
         raise ImageError(f"unsupported DICOM Bits Allocated {bits}", "unsupported")
     samples = rows * cols * spp
@@ -150,30 +162,39 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(unit, 0.0, 1.0)
 
 
-def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """The VOI LUT or window applied, in 0..1; None when the data set defines neither."""
+# what pydicom's LUT functions raise on a malformed LUT or rescale attribute
+_LUT_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError, OverflowError)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The first VOI LUT of the sequence applied, in 0..1; None when it cannot be used."""
     try:
-        sequence = ds.get("VOILUTSequence")
-        if sequence:
-            descriptor = [int(v) for v in sequence[0].LUTDescriptor]
-            entries, first = descriptor[0] or 65536, descriptor[1]
-            ints = np.rint(values).astype(np.int32) if values.dtype.kind == "f" else values
-            out = apply_voi(ints.astype(np.int32, copy=False), ds)
-            # scale by what the LUT really outputs: descriptors often overstate the bit depth
-            table = apply_voi(np.arange(first, first + entries, dtype=np.int32), ds)
-            lo, hi = float(table.min()), float(table.max())
-            if hi <= lo:
-                return None
-            return (out.astype(np.float32) - lo) / (hi - lo)
-        center = _first_float(ds.get("WindowCenter"))
-        width = _first_float(ds.get("WindowWidth"))
-        if center is None or width is None:
-            return None
-        function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
-        return _window(values, center, width, function)
-    except Exception as exc:  # noqa: BLE001 - a broken window falls back to min-max
-        logger.debug("ignoring unusable VOI LUT/window: %s", short_message(exc))
+        descriptor = [int(v) for v in ds.VOILUTSequence[0].LUTDescriptor]
+        entries, first = descriptor[0] or 65536, descriptor[1]
+        ints = np.rint(values).astype(np.int32) if values.dtype.kind == "f" else values
+        out = apply_voi(ints.astype(np.int32, copy=False), ds)
+        # scale by what the LUT really outputs: descriptors often overstate the bit depth
+        table = apply_voi(np.arange(first, first + entries, dtype=np.int32), ds)
+    except _LUT_ERRORS as exc:  # a malformed VOI LUT: fall back to min-max
+        logger.debug("ignoring an unusable VOI LUT: %s", short_message(exc))
         return None
+    lo, hi = float(table.min()), float(table.max())
+    if hi <= lo:
+        return None
+    return (out.astype(np.float32) - lo) / (hi - lo)
+
+
+def _voi_unit(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The VOI LUT or window applied, in 0..1; None when the data set defines neither (or
+    only broken ones: min-max then)."""
+    if ds.get("VOILUTSequence"):
+        return _voi_lut(values, ds)
+    center = _first_float(ds.get("WindowCenter"))
+    width = _first_float(ds.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    return _window(values, center, width, function)
 
 
 def _palette_to_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -188,7 +209,12 @@ def _palette_to_uint8(rgb: np.ndarray) -> np.ndarray:
 
 def _dicom_to_uint8(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     if photometric == "PALETTE COLOR":
-        return _palette_to_uint8(apply_color_lut(arr, ds))
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except _LUT_ERRORS as exc:
+            raise ImageError(f"unusable palette colour LUT: {short_message(exc)}",
+                             "invalid") from exc
+        return _palette_to_uint8(rgb)
     if photometric in _COLOR:
         if arr.ndim != 3 or arr.shape[2] != 3:
             raise ImageError(f"{photometric} pixel data has shape {arr.shape}", "invalid")
@@ -197,7 +223,11 @@ def _dicom_to_uint8(arr: np.ndarray, ds: Dataset, photometric: str) -> np.ndarra
         raise ImageError(f"{photometric} pixel data has shape {arr.shape}", "invalid")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ImageError("the DICOM pixel values contain NaN or infinity", "invalid")
-    values = apply_modality_lut(arr, ds)
+    try:
+        values = apply_modality_lut(arr, ds)
+    except _LUT_ERRORS as exc:
+        raise ImageError(f"unusable modality LUT or rescale: {short_message(exc)}",
+                         "invalid") from exc
     unit = _voi_unit(values, ds)
     # no window in the file: min-max, whatever the bit depth
     u8 = minmax_to_uint8(values) if unit is None else np.rint(unit * 255.0).astype(np.uint8)
@@ -210,7 +240,7 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
     ds = read_dicom(data, max_pixels=max_pixels)
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         raise ImageError("the DICOM file has no pixel data (not an image object)", "no_pixel_data")
-    frames = _int(ds.get("NumberOfFrames"), 1)
+    frames = _int(ds.get("NumberOfFrames"), 1, "Number of Frames")
     if frames > 1:
         raise ImageError(
             f"the DICOM image has {frames} frames; multi-frame DICOM (cine, volumes, "
@@ -219,9 +249,9 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
         )
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageError("the DICOM image has no Rows/Columns", "invalid")
-    rows, cols = _int(ds.Rows, 0), _int(ds.Columns, 0)
+    rows, cols = _int(ds.Rows, 0, "Rows"), _int(ds.Columns, 0, "Columns")
     check_dims(cols, rows, max_pixels, "the DICOM image")
-    spp = _int(ds.get("SamplesPerPixel"), 1)
+    spp = _int(ds.get("SamplesPerPixel"), 1, "Samples per Pixel")
     if spp not in (1, 3):
         raise ImageError(f"DICOM Samples per Pixel {spp} is not supported", "unsupported")
     default_photometric = "MONOCHROME2" if spp == 1 else "RGB"
@@ -231,6 +261,11 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
             f"DICOM Photometric Interpretation {photometric!r} is not supported", "unsupported"
         )
     ts = _transfer_syntax(ds)
+    pixel_elem = ds.data_element("PixelData")
+    if pixel_elem is not None and pixel_elem.is_undefined_length:  # encapsulated: compressed
+        # a decoder allocates what the codestream declares: check that before it runs
+        check_frame(pixel_elem.value or b"", ts, rows, cols, spp,
+                    _int(ds.get("BitsAllocated"), 8, "Bits Allocated"), max_pixels)
     if _check_decodable(ts):
         _check_native_length(ds, rows, cols, spp, photometric)
     try:
@@ -241,6 +276,7 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
     pixels = finish(Image.fromarray(np.ascontiguousarray(u8)), size, channels)
     raw_id = ds.get("PatientID")
     patient_ref = str(raw_id) if raw_id not in (None, "") else None
+    instance = str(ds.get("SOPInstanceUID") or "") or None
     return DecodedImage(
         pixels=pixels,
         original_height=rows,
@@ -248,4 +284,6 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
         format="dicom",
         metadata=safe_metadata(ds),
         patient_ref=patient_ref,
+        burned_in=burned_in_reason(ds),
+        instance_ref=instance,
     )

@@ -1,6 +1,8 @@
 """The report's numbers from merged run data: exact metrics per label with patient-level 95%
-bootstrap intervals, calibration and curve points for the plots, drift against a reference run,
-a paired AUROC comparison with another run, and the job result's ``metrics``.
+bootstrap intervals, calibration (ECE with its interval) and curve points for the plots, the
+rates at each operating point the model card stores, metrics per patient subgroup with the
+largest gap, drift against a reference run, a paired AUROC comparison with another run, and
+the job result's ``metrics``.
 
 ``build_report`` takes a ``map_fn`` that runs the per-label calls: serially by default (unit
 tests), as one Ray task per label in the report job. Pure numpy; each number is checked against
@@ -16,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from medray.workers import metrics
-from medray.workers.bootstrap import bootstrap_ci, paired_bootstrap_diff, threshold_ci
+from medray.workers import metrics, subgroups
+from medray.workers.bootstrap import bootstrap_ci, ece_ci, paired_bootstrap_diff, threshold_ci
 from medray.workers.drift import drift_flags
 from medray.workers.jsonsafe import json_safe
 from medray.workers.metrics import RATES
@@ -31,7 +33,7 @@ ALPHA = 0.05  # 95% intervals
 _ROW_KEYS = ("with_truth", "positives", "negatives", "prevalence", "tp", "fp", "tn", "fn",
              "auroc", "auroc_lo", "auroc_hi", "auprc", "auprc_lo", "auprc_hi",
              *(f"{m}{suffix}" for m in RATES for suffix in ("", "_lo", "_hi")),
-             "accuracy", "ece")
+             "accuracy", "ece", "ece_lo", "ece_hi")
 # What the job result's ``metrics`` takes from the drift and comparison rows.
 _RESULT_EXTRAS = ("psi", "ks", "ks_pvalue", "drifted", "compare_auroc", "auroc_diff",
                   "auroc_diff_lo", "auroc_diff_hi", "auroc_diff_p")
@@ -83,6 +85,8 @@ def label_metrics(y: np.ndarray, s: np.ndarray, threshold: float, groups: np.nda
         row[f"{name}_lo"], row[f"{name}_hi"] = cis[name]
     cal = metrics.calibration(y, s, CAL_BINS)
     row["ece"] = cal["ece"]
+    row["ece_lo"], row["ece_hi"] = ece_ci(y, s, groups, n_boot if n_boot > 0 else 0, CAL_BINS,
+                                          ALPHA, seed)
     plots["calibration"] = cal["bins"]
     fpr_op = tm["fp"] / (tm["fp"] + tm["tn"]) if tm["fp"] + tm["tn"] else nan
     plots["op"] = {"fpr": fpr_op, "tpr": tm["sensitivity"], "recall": tm["sensitivity"],
@@ -93,6 +97,50 @@ def label_metrics(y: np.ndarray, s: np.ndarray, threshold: float, groups: np.nda
         precision, recall, _ = metrics.pr_curve(y, s)
         plots["pr"] = _thin(recall[::-1], precision[::-1])
     return {k: row[k] for k in _ROW_KEYS}, plots
+
+
+def operating_rows(label: str, y: np.ndarray, s: np.ndarray, points: Sequence[dict[str, Any]],
+                   groups: np.ndarray | None, n_boot: int, seed: int = 0
+                   ) -> list[dict[str, Any]]:
+    """Sensitivity, specificity, PPV, NPV and F1 with 95% bootstrap intervals (resampling
+    ``groups``) at each stored operating point of one label; ``points`` are dicts with rule,
+    threshold and primary (a model card's ``operating_points``)."""
+    y = np.asarray(y, dtype=bool)
+    s = np.asarray(s, dtype=np.float64)
+    rows = []
+    for p in points:
+        t = float(p["threshold"])
+        row: dict[str, Any] = {"label": label, "rule": p["rule"], "primary": bool(p["primary"]),
+                               "threshold": t, "with_truth": int(y.size)}
+        if y.size:
+            at = metrics.threshold_metrics(y, s, t)
+            row.update({k: at[k] for k in ("tp", "fp", "tn", "fn", *RATES)})
+        else:
+            row.update(dict.fromkeys(("tp", "fp", "tn", "fn", *RATES)))
+        boot = n_boot if y.size and 0 < y.sum() < y.size else 0
+        for name, (lo, hi) in threshold_ci(y, s, t, groups, boot, ALPHA, seed).items():
+            row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
+        rows.append(row)
+    return rows
+
+
+def label_report(y: np.ndarray, s: np.ndarray, threshold: float, groups: np.ndarray | None,
+                 n_boot: int, label: str = "", points: Sequence[dict[str, Any]] = (),
+                 attributes: dict[str, np.ndarray] | None = None, seed: int = 0
+                 ) -> dict[str, Any]:
+    """Everything of one label (one task in the report job): the metrics row and plot data of
+    ``label_metrics``, the rows at each operating point, and per attribute the subgroup rows
+    and the largest gaps (``workers/subgroups.py``) at ``threshold``."""
+    row, plots = label_metrics(y, s, threshold, groups, n_boot, seed)
+    sub: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
+    for name, bands in (attributes or {}).items():
+        rows, found = subgroups.analyse(label, name, bands, y, s, threshold, groups, n_boot,
+                                        ALPHA, seed)
+        sub.extend(rows)
+        gaps.extend(found)
+    return {"row": row, "plots": plots, "subgroups": sub, "gaps": gaps,
+            "operating": operating_rows(label, y, s, points, groups, n_boot, seed)}
 
 
 def drift_rows(cur: RunData, ref: RunData, psi_threshold: float) -> list[dict[str, Any]]:
@@ -164,6 +212,9 @@ class Report:
     drift: list[dict[str, Any]] | None
     compare: list[dict[str, Any]] | None
     plots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    operating: list[dict[str, Any]] = field(default_factory=list)
+    subgroups: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
 
 
 def serial_map(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]:
@@ -174,9 +225,13 @@ def serial_map(fn: Callable[..., Any], calls: list[dict[str, Any]]) -> list[Any]
 def build_report(cur: RunData, groups: np.ndarray | None, n_boot: int,
                  threshold_sources: Sequence[str] | None = None,
                  reference: RunData | None = None, compare: RunData | None = None,
-                 drift_psi: float = 0.2, map_fn: MapFn = serial_map) -> Report:
-    """All tables of a report from merged run data. ``map_fn`` runs the ``label_metrics``
-    calls; ``groups`` gives each kept row its bootstrap unit.
+                 drift_psi: float = 0.2, map_fn: MapFn = serial_map,
+                 points: Sequence[dict[str, Any]] | None = None,
+                 attributes: dict[str, np.ndarray] | None = None) -> Report:
+    """All tables of a report from merged run data. ``map_fn`` runs the ``label_report``
+    calls; ``groups`` gives each kept row its bootstrap unit. ``points`` are the model card's
+    operating points (default: the run's threshold per label); ``attributes`` the subgroup
+    name of every kept row, per attribute.
     """
     known = np.flatnonzero(cur.known)
     if groups is not None:
@@ -184,13 +239,24 @@ def build_report(cur: RunData, groups: np.ndarray | None, n_boot: int,
         # bootstrap than patient-key strings; the grouping is the same.
         groups = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
     g_known = groups[known] if groups is not None else None
-    calls = [{"y": cur.y[known, j], "s": cur.scores[known, j], "threshold": cur.thresholds[j],
-              "groups": g_known, "n_boot": n_boot} for j in range(len(cur.labels))]
-    results = map_fn(label_metrics, calls)
     sources = list(threshold_sources or ["given"] * len(cur.labels))
+    if points is None:
+        points = [{"label": lab, "rule": sources[j], "threshold": cur.thresholds[j],
+                   "primary": True} for j, lab in enumerate(cur.labels)]
+    attrs = {name: np.asarray(values, dtype=object)[known]
+             for name, values in (attributes or {}).items()}
+    calls = [{"y": cur.y[known, j], "s": cur.scores[known, j], "threshold": cur.thresholds[j],
+              "groups": g_known, "n_boot": n_boot, "label": label,
+              "points": [p for p in points if p["label"] == label], "attributes": attrs}
+             for j, label in enumerate(cur.labels)]
+    results = map_fn(label_report, calls)
     per_label, thresholds, calibration, plots = [], [], [], {}
+    operating, sub, gaps = [], [], []
     for j, label in enumerate(cur.labels):
-        exact, label_plots = results[j]
+        exact, label_plots = results[j]["row"], results[j]["plots"]
+        operating.extend(results[j]["operating"])
+        sub.extend(results[j]["subgroups"])
+        gaps.extend(results[j]["gaps"])
         st = cur.stats[j]
         images = st.count
         row = {"label": label, "images": images, "threshold": cur.thresholds[j],
@@ -211,7 +277,8 @@ def build_report(cur: RunData, groups: np.ndarray | None, n_boot: int,
     drift = drift_rows(cur, reference, drift_psi) if reference is not None else None
     cmp = compare_rows(cur, compare, groups, n_boot) if compare is not None else None
     return Report(per_label=per_label, thresholds=thresholds, calibration=calibration,
-                  drift=drift, compare=cmp, plots=plots)
+                  drift=drift, compare=cmp, plots=plots, operating=operating, subgroups=sub,
+                  gaps=gaps)
 
 
 def result_metrics(report: Report) -> dict[str, dict[str, Any]]:

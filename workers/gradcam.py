@@ -1,24 +1,32 @@
-"""Grad-CAM (Selvaraju et al. 2017) for the classifiers built by ``workers/models.py``.
+"""Grad-CAM (Selvaraju et al. 2017) for any Keras image classifier: medray's own models and the
+``.keras`` files users register (Sequential, functional, with or without a nested backbone).
 
 Pure TensorFlow plus Pillow: given a loaded Keras model and uint8 pixels, return a heatmap per
 image and an overlay as PNG bytes. No storage, no Ray: the report job feeds it the top-scored
 images of each label.
 
 Choices, and why:
+- The model is run as it is, whole; the feature map and the head's input are captured on the
+  way through (the two layers' ``call`` wrapped for the duration of one forward pass). Cutting
+  the graph into sub-models instead depends on how the model was built: a user's
+  ``keras.Sequential`` of Conv2D -> GlobalAveragePooling2D -> Dense gave a sub-model whose
+  outputs were not connected, hence a None gradient and a failed report.
 - The class score is the logit (the final Dense layer's pre-activation), as in the paper. The
   sigmoid's slope vanishes on the confidently scored images a report shows (score 0.99999), which
   would leave an all-zero map; softmax would mix in the other classes.
-- The feature map is the last convolutional output with at least 2x2 cells, skipping pooling
-  and padding layers (they only downsample or pad the same evidence). A 1x1 map (a backbone on
-  tiny images) cannot say where anything is.
-- Backbone models (a nested ``keras.Model``) are split into prefix -> backbone -> head, which is
-  the layout ``build_model`` produces; other layouts raise ``InputError`` naming what is missing.
+- The feature map is the last convolutional output with at least 2x2 cells, nested backbones
+  included, skipping pooling and padding layers (they only downsample or pad the same
+  evidence); ``layer_name`` (``--heatmap-layer``) picks another. A 1x1 map (a backbone on tiny
+  images) cannot say where anything is.
+- What cannot be explained (no feature map, no Dense head, a layer off the path to the output)
+  is an ``InputError`` saying why, which the report prints instead of heatmaps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,13 +36,28 @@ from medray.workers.errors import InputError
 # Layers that only move or pick existing cells: the map before them says the same, unpadded.
 _RESHAPING = ("MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "GlobalMaxPooling2D",
               "ZeroPadding2D", "Cropping2D")
-# Layers that are the identity at inference time and may sit between the features and the head.
-_PASS_THROUGH = ("Dropout", "Identity", "SpatialDropout2D", "GaussianNoise", "GaussianDropout")
+# Layers that may follow a linear Dense and turn its logits into scores.
+_SQUASH = ("Activation", "Softmax")
+
+
+def _layers(model: Any) -> list[Any]:
+    """Every layer in call order, nested models (backbones) opened in place."""
+    import keras
+
+    out: list[Any] = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(_layers(layer))
+        else:
+            out.append(layer)
+    return out
 
 
 def _is_map(layer: Any) -> bool:
-    shape = getattr(layer, "output", None)
-    shape = getattr(shape, "shape", None)
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):  # never called, or called on several inputs
+        return False
     if shape is None or len(shape) != 4 or type(layer).__name__ in _RESHAPING:
         return False
     h, w = shape[1], shape[2]
@@ -42,15 +65,18 @@ def _is_map(layer: Any) -> bool:
 
 
 def _target_layer(model: Any, name: str | None) -> Any:
+    layers = _layers(model)
     if name:
-        try:
-            return model.get_layer(name)
-        except ValueError as exc:
-            raise InputError(f"model has no layer {name!r} for Grad-CAM") from exc
+        found = [layer for layer in layers if layer.name == name]
+        if not found:
+            raise InputError(f"model {model.name!r} has no layer {name!r} for Grad-CAM "
+                             "(--heatmap-layer); its layers: "
+                             + ", ".join(layer.name for layer in layers[-12:]))
+        return found[-1]
     # Only maps computed by learned weights: the input, its scaling and augmentation are
     # 4-D too, but a "heatmap" of them would just be the gradient of the pixels.
     maps, learned = [], False
-    for layer in model.layers:
+    for layer in layers:
         learned = learned or bool(layer.weights)
         if learned and _is_map(layer):
             maps.append(layer)
@@ -62,73 +88,68 @@ def _target_layer(model: Any, name: str | None) -> Any:
     return maps[-1]
 
 
-def _single(model: Any) -> Any:
-    # One input as a tensor, not a list of one: the sub-models are called on a bare tensor and
-    # Keras warns when the structures differ.
-    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+def _head(model: Any) -> Any:
+    """The Dense layer whose pre-activation is the class logits: the last layer, or the one
+    before a final softmax/sigmoid activation layer."""
+    layers = model.layers
+    last = layers[-1]
+    if type(last).__name__ in _SQUASH and len(layers) > 1 \
+            and type(layers[-2]).__name__ == "Dense":
+        return layers[-2]
+    if type(last).__name__ != "Dense":
+        raise InputError(
+            f"Grad-CAM needs a model ending in a Dense layer (the class logits); "
+            f"{model.name!r} ends in {type(last).__name__}"
+        )
+    return last
 
 
-@dataclass
-class _Graph:
-    prefix: Any | None  # outer input -> backbone input (None when there is no backbone)
-    features: Any  # (backbone or whole model) input -> [feature map, penultimate vector]
-    kernel: Any
-    bias: Any
-    layer_name: str
+@contextlib.contextmanager
+def _capture(layer: Any, keep: Callable[[tuple[Any, ...], Any], Any], into: list[Any]
+             ) -> Iterator[None]:
+    """While inside, every call of ``layer`` appends ``keep(args, output)`` to ``into``."""
+    original = layer.call
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        into.append(keep(args, out))
+        return out
+
+    object.__setattr__(layer, "call", call)  # Keras tracks attributes it is given; not this
+    try:
+        yield
+    finally:
+        object.__delattr__(layer, "call")
 
 
 class GradCam:
     """Heatmaps for one loaded Keras model; build once, call per batch of images."""
 
     def __init__(self, model: Any, layer_name: str | None = None) -> None:
-        import keras
-
-        from medray.workers.models import backbone_of
-
         self.model = model
-        head = model.layers[-1]
-        if type(head).__name__ != "Dense" or head.bias is None:
-            raise InputError(
-                f"Grad-CAM needs a model ending in a Dense layer with bias (the class logits); "
-                f"{model.name!r} ends in {type(head).__name__}"
-            )
-        self.n_outputs = int(head.units)
-        backbone = backbone_of(model)
-        if backbone is None:
-            target = _target_layer(model, layer_name)
-            features = keras.Model(_single(model), [target.output, head.input])
-            self._graph = _Graph(None, features, head.kernel, head.bias, target.name)
-        else:
-            self._graph = self._split(keras, model, backbone, head, layer_name)
-        self.layer_name = self._graph.layer_name
-
-    @staticmethod
-    def _split(keras: Any, model: Any, backbone: Any, head: Any, layer_name: str | None) -> _Graph:
-        layers = list(model.layers)
-        i = layers.index(backbone)
-        between = layers[i + 1 : -1]
-        odd = [type(layer).__name__ for layer in between
-               if type(layer).__name__ not in _PASS_THROUGH]
-        if odd:
-            raise InputError(
-                f"Grad-CAM expects backbone -> [dropout] -> Dense, found {odd} between them: "
-                "heatmaps support the layouts that `medray train` builds"
-            )
-        prefix = keras.Model(_single(model), layers[i - 1].output) if i > 1 else None
-        target = _target_layer(backbone, layer_name)
-        features = keras.Model(_single(backbone), [target.output, backbone.output])
-        return _Graph(prefix, features, head.kernel, head.bias, target.name)
+        self.head = _head(model)
+        self.n_outputs = int(self.head.units)
+        self.target = _target_layer(model, layer_name)
+        self.layer_name = self.target.name
 
     def _forward(self, inputs: Any) -> tuple[Any, Any]:
-        """(feature map, logits) for a float32 tensor of pixels."""
+        """(feature map, logits) for a float32 tensor of pixels; record it under a tape."""
         import tensorflow as tf
 
-        g = self._graph
-        if g.prefix is not None:
-            inputs = g.prefix(inputs, training=False)
-        fmap, pen = g.features(inputs, training=False)
-        logits = tf.matmul(pen, tf.cast(g.kernel, pen.dtype)) + tf.cast(g.bias, pen.dtype)
-        return fmap, logits
+        maps: list[Any] = []
+        pens: list[Any] = []
+        with _capture(self.target, lambda a, out: out, maps), \
+                _capture(self.head, lambda a, out: a[0], pens):
+            self.model(inputs, training=False)
+        if not maps or not pens:
+            raise InputError(f"layer {self.layer_name!r} or the head was not called in a "
+                             "forward pass: pass --heatmap-layer with a layer of this model")
+        pen = pens[-1]
+        kernel = tf.cast(self.head.kernel, pen.dtype)
+        logits = tf.matmul(pen, kernel)
+        if self.head.bias is not None:
+            logits = logits + tf.cast(self.head.bias, pen.dtype)
+        return maps[-1], logits
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """The class logits the maps explain; the model's output is their sigmoid/softmax."""
@@ -161,6 +182,9 @@ class GradCam:
             fmap, logits = self._forward(inputs)
             chosen = tf.gather(logits, tf.constant(idx), axis=1, batch_dims=1)
         grads = tape.gradient(chosen, fmap)
+        if grads is None:
+            raise InputError(f"the class scores do not depend on layer {self.layer_name!r}: "
+                             "pass --heatmap-layer with a layer on the path to the output")
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(weights * fmap, axis=-1))[..., None]
         cam = tf.image.resize(cam, (x.shape[1], x.shape[2]), method="bilinear")[..., 0]

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from medray.workers.deid import DEFAULT_MAX_PIXELS
 from medray.workers.dicom_pixels import decode_dicom
 from medray.workers.errors import ConfigError, ImageError
 from medray.workers.pixels import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_ERROR_KINDS,
     DecodedImage,
     array_to_pixels,
@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("jpeg", "png", "dicom", "bmp", "tiff", "gif", "webp", "array")
+# In the shard-reuse key: bump it when decoded pixels or their metadata change, so images
+# staged by an older decoder are decoded again
+DECODER_VERSION = "medray-decode-2"
 _PIL_FORMATS = {
     "jpeg": "JPEG",
     "png": "PNG",
@@ -200,11 +203,11 @@ def _decode_pillow(
                 "multi_frame",
             )
         source_mode = img.mode
-        if fmt == "jpeg":
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= size: big radiographs
-            # decode several times faster and in a fraction of the memory.
-            img.draft(img.mode, (size, size))
         try:
+            if fmt == "jpeg":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= size: big
+                # radiographs decode several times faster and in a fraction of the memory.
+                img.draft(img.mode, (size, size))
             img.load()
         except Exception as exc:  # noqa: BLE001
             kind = _failure_kind(exc, data, fmt)
@@ -216,7 +219,11 @@ def _decode_pillow(
             logger.debug("ignoring unreadable EXIF orientation")
         if img.size != before:
             width, height = height, width
-        pixels = finish(_to_8bit(img), size, channels)
+        try:
+            eight = _to_8bit(img)
+        except (OSError, ValueError) as exc:  # Pillow's conversions of a decoded image
+            raise ImageError(f"cannot convert {what}: {short_message(exc)}", "invalid") from exc
+        pixels = finish(eight, size, channels)
     return DecodedImage(
         pixels=pixels,
         original_height=height,
@@ -256,26 +263,24 @@ def decode_image(
         raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if data is None or len(data) == 0:
         raise ImageError("the image is empty (0 bytes)", "empty")
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    fmt = sniff_format(data)
+    if fmt == "unknown" and name.lower().endswith((".dcm", ".dicom")):
+        fmt = "dicom"
+    if fmt == "unknown":
+        raise ImageError(
+            "not a recognised image (expected JPEG, PNG, DICOM, BMP, TIFF, GIF or WebP)",
+            "not_an_image",
+        )
+    # Only the third-party calls that read the input turn their exceptions into ImageError
+    # (each at its call); an exception of medray's own code is a bug and is not disguised.
     try:
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        fmt = sniff_format(data)
-        if fmt == "unknown" and name.lower().endswith((".dcm", ".dicom")):
-            fmt = "dicom"
-        if fmt == "unknown":
-            raise ImageError(
-                "not a recognised image (expected JPEG, PNG, DICOM, BMP, TIFF, GIF or WebP)",
-                "not_an_image",
-            )
         if fmt == "dicom":
             return decode_dicom(data, size, channels, max_pixels)
         return _decode_pillow(data, fmt, size, channels, max_pixels)
-    except ImageError:
-        raise
     except MemoryError as exc:
         raise ImageError("out of memory decoding the image", "too_large") from exc
-    except Exception as exc:  # noqa: BLE001 - the contract: ImageError and nothing else
-        raise ImageError(f"cannot decode the image: {short_message(exc)}", "invalid") from exc
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Keras model building, the model card, and loading with Keras safe mode.
+"""Keras model building and loading with Keras safe mode (the model card lives in
+``model_card.py``; ``ModelCard`` is re-exported here for its many readers).
 
 Preprocessing (scaling, grayscale-to-RGB for ImageNet backbones) is part of the model graph,
 so a scorer feeds the uint8 pixels straight from the shards and a model file is self-contained.
@@ -7,13 +8,13 @@ so a scorer feeds the uint8 pixels straight from the shards and a model file is 
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from medray.workers.errors import ConfigError, InputError
+from medray.workers.model_card import ModelCard as ModelCard
 
 # arch -> (keras.applications constructor, min input side, input scaling of that backbone)
 BACKBONES: dict[str, tuple[str, int, str]] = {
@@ -23,40 +24,6 @@ BACKBONES: dict[str, tuple[str, int, str]] = {
     "inception_v3": ("InceptionV3", 75, "tf"),
 }
 ARCHS = ("small_cnn", *BACKBONES)
-
-
-@dataclass
-class ModelCard:
-    name: str
-    labels: list[str]
-    multi_label: bool
-    input_size: int
-    channels: int
-    arch: str
-    version: int | None = None
-    preprocessing: str = "uint8 pixels in; scaling inside the model"
-    thresholds: dict[str, float] = field(default_factory=dict)
-    dataset: str | None = None
-    dataset_version: int | None = None
-    weights: str = "none"
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training_seconds: float | None = None
-    code_version: str | None = None
-    created_at: str | None = None
-    source: str = "trained"
-    training: dict[str, Any] = field(default_factory=dict)  # id, jobs, resumes, feature cache
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def threshold(self, label: str) -> float:
-        return float(self.thresholds.get(label, 0.5))
 
 
 def _scaling_layer(keras: Any, scheme: str) -> Any:

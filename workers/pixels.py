@@ -28,6 +28,9 @@ IMAGE_ERROR_KINDS = frozenset(
     }
 )
 MAX_SIZE = 8192  # output side; larger is a configuration mistake, not an image problem
+DEFAULT_MAX_PIXELS = 50_000_000
+_BASE_INPUT_BYTES = 16 * 1024 * 1024
+_BYTES_PER_PIXEL_BOUND = 6  # 3 samples x 16 bits: the largest common uncompressed pixel
 _MAX_MESSAGE = 300
 
 
@@ -42,9 +45,18 @@ class DecodedImage:
     format: str
     metadata: dict[str, str | int | float]
     patient_ref: str | None
+    burned_in: str | None = None     # why the pixels may carry burned-in text (DICOM)
+    instance_ref: str | None = None  # the raw SOP Instance UID (never store it: remap it)
 
 
 # -- shared helpers --------------------------------------------------------------------------
+
+
+def max_input_bytes(max_pixels: int) -> int:
+    """Largest input read into memory whole (a file, an .npz row, an inflated DICOM): an
+    uncompressed image at the pixel limit, plus room for its headers."""
+    return _BASE_INPUT_BYTES + _BYTES_PER_PIXEL_BOUND * int(max_pixels)
+
 
 
 def short_message(exc: BaseException) -> str:

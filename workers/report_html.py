@@ -16,6 +16,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from medray.workers.model_card import render_html as render_card
+
 W, H = 360, 300  # every plot, in CSS pixels
 _M = {"left": 52, "right": 14, "top": 30, "bottom": 44}
 BLUE, ORANGE, GREY, RED = "#1f77b4", "#ff7f0e", "#9a9a9a", "#d62728"
@@ -223,13 +225,18 @@ def svg_img(svg: str, alt: str) -> str:
 def document(summary: dict[str, Any], per_label: list[dict[str, Any]],
              plots: dict[str, dict[str, Any]], drift: list[dict[str, Any]] | None,
              compare: list[dict[str, Any]] | None,
-             heatmaps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+             heatmaps: list[dict[str, Any]] | None = None,
+             operating: list[dict[str, Any]] | None = None,
+             subgroups: list[dict[str, Any]] | None = None,
+             gaps: list[dict[str, Any]] | None = None,
+             card: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything ``render`` needs, in one dict (heatmaps carry their PNG bytes)."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for h in heatmaps or []:
         by_label.setdefault(h["label"], []).append(h)
     return {"summary": summary, "per_label": per_label, "plots": plots, "drift": drift,
-            "compare": compare, "heatmaps": by_label}
+            "compare": compare, "heatmaps": by_label, "operating": operating or [],
+            "subgroups": subgroups or [], "gaps": gaps or [], "card": card}
 
 
 _CSS = """
@@ -251,6 +258,20 @@ _METRIC_COLUMNS = (
     ("auprc", "AUPRC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
     ("ppv", "PPV"), ("npv", "NPV"), ("f1", "F1"), ("ece", "ECE"),
 )
+_OPERATING_COLUMNS = (
+    ("label", "label"), ("rule", "rule"), ("primary", "primary"), ("threshold", "threshold"),
+    ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"),
+    ("npv", "NPV"), ("f1", "F1"), ("tp", "TP"), ("fp", "FP"), ("tn", "TN"), ("fn", "FN"),
+)
+_SUBGROUP_COLUMNS = (
+    ("label", "label"), ("attribute", "attribute"), ("group", "group"), ("images", "images"),
+    ("positives", "positives"), ("auroc", "AUROC"), ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+)
+_GAP_COLUMNS = (
+    ("label", "label"), ("attribute", "attribute"), ("metric", "metric"), ("high", "best"),
+    ("low", "worst"), ("gap", "gap"), ("groups", "groups compared"), ("flagged", "flagged"),
+)
 
 
 def _with_ci(row: dict[str, Any], key: str) -> str:
@@ -270,6 +291,8 @@ def _rows_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str
         for key, _ in columns:
             if key == "drifted" and r.get(key):
                 cells.append('<td class="drifted">DRIFTED</td>')
+            elif key == "flagged" and r.get(key):
+                cells.append('<td class="drifted">GAP</td>')
             else:
                 cells.append(f"<td>{_with_ci(r, key) if ci else _esc(r.get(key))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -288,7 +311,7 @@ def _confusion(row: dict[str, Any]) -> str:
 
 
 def _label_section(row: dict[str, Any], plots: dict[str, Any],
-                   heat: list[dict[str, Any]]) -> str:
+                   heat: list[dict[str, Any]], note: str | None = None) -> str:
     label = str(row["label"])
     imgs = []
     if plots.get("roc") or plots.get("op"):
@@ -309,6 +332,8 @@ def _label_section(row: dict[str, Any], plots: dict[str, Any],
                      "both classes in this run.</p>")
     parts.append(f'<div class="plots">{"".join(imgs)}</div>')
     parts.append(_confusion(row))
+    if note:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
     if heat:
         figs = "".join(
             "<figure>" + img_tag(h["png"], "image/png", f"Grad-CAM {label} #{h['rank']}", 160,
@@ -328,7 +353,8 @@ def render(doc: dict[str, Any]) -> str:
     title = f"medray report: {s.get('run_id', '')}"
     keys = ("run_id", "model", "model_version", "dataset", "dataset_version", "split", "images",
             "errors", "with_truth", "patients", "ci_unit", "n_boot", "reference", "compare",
-            "drift_psi", "drifted_labels", "heatmaps", "cpu_seconds", "gpu_seconds",
+            "drift_psi", "drifted_labels", "heatmaps", "calibration", "subgroup_attributes",
+            "flagged_gaps", "cpu_seconds", "gpu_seconds",
             "cost_total", "cost_per_1000_images", "currency", "created_at")
     summary_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_esc(s.get(k))}</td></tr>"
                            for k in keys if s.get(k) is not None)
@@ -340,8 +366,24 @@ def render(doc: dict[str, Any]) -> str:
     if s.get("drifted_labels"):
         parts.append(f'<p class="note drifted">Drift against {html.escape(str(s["reference"]))}'
                      f": {html.escape(', '.join(s['drifted_labels']))}</p>")
-    parts.append("<h2>Per-label metrics</h2><p>95% bootstrap intervals in brackets.</p>")
+    parts.append("<h2>Per-label metrics</h2><p>95% bootstrap intervals in brackets. ECE: "
+                 "expected calibration error of the scores (" + _esc(s.get("calibration")) +
+                 " applied when scored).</p>")
     parts.append(_rows_table(doc["per_label"], [("label", "label"), *_METRIC_COLUMNS], ci=True))
+    if doc.get("operating"):
+        parts.append("<h2>Operating points</h2><p>Each threshold the model card stores, with the "
+                     "rule that chose it on validation; rates on this run with 95% bootstrap "
+                     "intervals. The primary one decides <code>predicted_labels</code>.</p>")
+        parts.append(_rows_table(doc["operating"], _OPERATING_COLUMNS, ci=True))
+    if doc.get("subgroups"):
+        parts.append("<h2>Subgroups</h2><p>Metrics per patient group at the primary threshold, "
+                     "95% bootstrap intervals over patients. The largest gap compares the best "
+                     "and worst group with at least "
+                     f"{_esc(doc['gaps'][0].get('min_cases') if doc.get('gaps') else '-')} "
+                     "cases of the class the metric needs; its interval holds for all pairs at "
+                     "once, and GAP marks one that excludes zero.</p>")
+        parts.append(_rows_table(doc["subgroups"], _SUBGROUP_COLUMNS, ci=True))
+        parts.append(_rows_table(doc.get("gaps") or [], _GAP_COLUMNS, ci=True))
     if doc.get("drift") is not None:
         parts.append(f"<h2>Drift against {html.escape(str(s.get('reference')))}</h2>")
         parts.append(_rows_table(doc["drift"], [
@@ -357,6 +399,8 @@ def render(doc: dict[str, Any]) -> str:
     for row in doc["per_label"]:
         label = row["label"]
         parts.append(_label_section(row, doc["plots"].get(label, {}),
-                                    doc["heatmaps"].get(label, [])))
+                                    doc["heatmaps"].get(label, []), s.get("heatmaps_note")))
+    if doc.get("card"):
+        parts.append(render_card(doc["card"]))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -16,11 +16,13 @@ from medray.workers.jsonsafe import json_safe
 _INT_COLUMNS = {"images", "with_truth", "positives", "negatives", "tp", "fp", "tn", "fn",
                 "paired_images", "reference_images", "bin", "count", "rank", "model_version",
                 "dataset_version", "errors", "dropped", "n_boot", "patients", "heatmaps",
-                "score_jobs"}
+                "score_jobs", "groups", "min_cases", "flagged_gaps"}
 _STR_COLUMNS = {"label", "source", "run_id", "model", "dataset", "split", "ci_unit", "ci_note",
                 "reference", "compare", "created_at", "report_uri", "html_uri", "image_id",
-                "uri", "layer", "currency"}
-_LIST_COLUMNS = {"labels", "drifted_labels"}
+                "uri", "layer", "currency", "rule", "attribute", "group", "metric", "high",
+                "low", "heatmaps_note", "calibration"}
+_LIST_COLUMNS = {"labels", "drifted_labels", "subgroup_attributes"}
+_BOOL_COLUMNS = {"drifted", "primary", "flagged"}
 
 
 def column_type(name: str) -> pa.DataType:
@@ -30,7 +32,7 @@ def column_type(name: str) -> pa.DataType:
         return pa.string()
     if name in _LIST_COLUMNS:
         return pa.list_(pa.string())
-    if name == "drifted":
+    if name in _BOOL_COLUMNS:
         return pa.bool_()
     return pa.float64()
 

@@ -13,13 +13,16 @@ call it on in-memory tables.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medray.workers import subgroups
 from medray.workers.errors import InputError
 from medray.workers.scorer import score_column
 from medray.workers.streaming import StreamingLabelStats
@@ -181,9 +184,58 @@ def patient_groups(image_id: np.ndarray, keys: pa.Table | None) -> tuple[np.ndar
                       value_set=keys.column("image_id")).fill_null(-1).to_numpy()
     vals = np.asarray(keys.column("patient_key").to_pylist(), dtype=object)
     hit = idx >= 0
+    hit[hit] = np.array([v is not None for v in vals[idx[hit]]], dtype=bool)
     out = own.copy()
     out[hit] = np.array(["patient:" + str(v) for v in vals[idx[hit]]], dtype=object)
     return out, int(hit.sum())
+
+
+def attribute_json(row: Mapping[str, Any]) -> str | None:
+    """One shard row's patient attributes as a JSON object: the keys of its ``metadata`` JSON
+    and its other attribute columns (nulls left out); None when it has none."""
+    out: dict[str, Any] = {}
+    meta = row.get("metadata")
+    if meta:
+        try:
+            parsed = json.loads(meta)
+        except (TypeError, ValueError):
+            parsed = None
+        if isinstance(parsed, dict):
+            out.update(parsed)
+    out.update({k: v for k, v in row.items() if k != "metadata" and v is not None})
+    return json.dumps(out, sort_keys=True, default=str) if out else None
+
+
+def attributes_for(image_id: np.ndarray, keys: pa.Table | None, wanted: Sequence[str] | None
+                   ) -> dict[str, np.ndarray]:
+    """Attribute name -> subgroup of each row (None where unknown), from the ``attributes``
+    column of ``keys`` (see ``attribute_json``).
+
+    ``wanted`` None picks the usual patient attributes the dataset has (age, sex, view
+    position); a name it lacks is an ``InputError`` listing the ones it has.
+    """
+    n = len(image_id)
+    if keys is None or "attributes" not in keys.column_names or n == 0:
+        if wanted:
+            raise InputError(f"--subgroups {', '.join(wanted)}: this run's dataset keeps no "
+                             "patient attributes (stage it with those CSV columns or DICOM "
+                             "attributes kept)")
+        return {}
+    idx = pc.index_in(pa.array(image_id.tolist(), pa.string()),
+                      value_set=keys.column("image_id")).fill_null(-1).to_numpy()
+    docs = [json.loads(d) if d else {} for d in keys.column("attributes").to_pylist()]
+    rows = [docs[i] if i >= 0 else {} for i in idx]
+    available = sorted({k for d in docs for k in d})
+    chosen: dict[str, str] = {}
+    for name in wanted if wanted else subgroups.USUAL:
+        key = subgroups.find_key(name, available)
+        if key is None and wanted:
+            raise InputError(f"--subgroups: no attribute {name!r} in this run's dataset (it "
+                             f"has: {', '.join(available) or 'none'})")
+        if key is not None and key not in chosen.values():
+            chosen[name if wanted else key] = key
+    return {name: subgroups.bands(name, [r.get(key) for r in rows])
+            for name, key in chosen.items()}
 
 
 def ci_note(groups: np.ndarray, dataset: str) -> tuple[str, str, int]:

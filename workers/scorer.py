@@ -1,5 +1,9 @@
 """The scorer: a plain class that loads a model once and turns a batch of shard rows into
-the same number of prediction rows. Ray wraps it in an actor pool elsewhere."""
+the same number of prediction rows. Ray wraps it in an actor pool elsewhere.
+
+A model card with a calibration (temperature scaling, fitted on validation at training) makes
+``score_<label>`` the calibrated probability, the scale the card's thresholds were chosen on;
+the model's own output stays beside it as ``raw_score_<label>``."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medray.workers import calibration
 from medray.workers.errors import ImageError
 from medray.workers.models import ModelCard, configure_tensorflow, load_model
 from medray.workers.shards import decode_pixels
@@ -23,6 +28,11 @@ _KEEP_FLOAT32 = ("scores",)
 
 def score_column(label: str) -> str:
     return f"score_{label}"
+
+
+def raw_score_column(label: str) -> str:
+    """The uncalibrated score of a calibrated model (the model's own probability)."""
+    return f"raw_score_{label}"
 
 
 def prediction_schema(labels: list[str]) -> pa.Schema:
@@ -180,6 +190,13 @@ class Scorer:
             log.warning("mixed precision asked for but no GPU is visible: scoring in float32")
         self._predict = compiled_predict(self.model, self.shape)
         self._predict(np.zeros((1, *self.shape), dtype=np.uint8))  # trace once, before timing
+        self.temperatures = calibration.temperatures(self.card.calibration, self.labels)
+
+    def calibrated(self, raw: np.ndarray) -> np.ndarray:
+        """The card's temperature scaling applied to raw model scores (as is without one)."""
+        if self.temperatures is None:
+            return raw
+        return calibration.apply(raw, self.temperatures, self.card.multi_label)
 
     def _scores(self, x: np.ndarray, ok: np.ndarray, errors: list[str | None]) -> np.ndarray:
         scores = np.full((len(x), len(self.labels)), np.nan, dtype=np.float32)
@@ -223,9 +240,10 @@ class Scorer:
     def __call__(self, table: pa.Table) -> pa.Table:
         x, errors = decode_batch(table, self.shape)
         ok = np.array([e is None for e in errors], dtype=bool)
-        scores = self._scores(x, ok, errors)
+        raw = self._scores(x, ok, errors)
         ok = np.array([e is None for e in errors], dtype=bool)
-        scores[~ok] = np.nan
+        raw[~ok] = np.nan
+        scores = self.calibrated(raw)
         columns: dict[str, Any] = {
             "image_id": table.column("image_id"),
             "source_uri": table.column("source_uri"),
@@ -236,6 +254,10 @@ class Scorer:
         columns["predicted_labels"] = pa.array(self.predicted(scores), type=pa.list_(pa.string()))
         columns["error"] = pa.array(errors, type=pa.string())
         out = pa.table(columns, schema=self.schema)
+        if self.temperatures is not None:
+            for j, label in enumerate(self.labels):
+                out = out.append_column(pa.field(raw_score_column(label), pa.float32()),
+                                        pa.array(raw[:, j], type=pa.float32(), mask=~ok))
         for extra in table.column_names:  # pass-through bookkeeping columns such as _shard
             if extra.startswith("_"):
                 out = out.append_column(extra, table.column(extra))

@@ -76,6 +76,10 @@ class StageSpec(JobSpec):
     images_root: str | None = Field(
         default=None, description="Where CSV paths resolve (default: the CSV's folder)."
     )
+    split_column: str | None = Field(
+        default=None,
+        description="CSV column giving each image's split (train|val|test; empty: by patient).",
+    )
     max_pixels: int = Field(
         default=50_000_000,
         gt=0,
@@ -83,6 +87,27 @@ class StageSpec(JobSpec):
     )
     decode_batch: int = Field(
         default=32, ge=1, le=4096, description="Target inputs per decoding batch."
+    )
+    # de-identification of DICOM (docs/deid.md)
+    retain: list[Literal["patient-characteristics", "longitudinal", "manufacturer"]] = Field(
+        default=[],
+        description="Keep what the DICOM profile removes: patient-characteristics (sex, age, "
+        "size, weight), longitudinal (dates shifted per patient), manufacturer. Repeatable.",
+    )
+    clean: list[Literal["descriptors"]] = Field(
+        default=[],
+        description="Keep DICOM descriptions cleaned of names, IDs and dates: descriptors.",
+    )
+    allow_burned_in: bool = Field(
+        default=False,
+        description="Stage DICOM that may carry burned-in text (else: an errors row).",
+    )
+    reuse: bool = Field(
+        default=True, description="Reuse the previous version's shards (--no-reuse: re-stage all)."
+    )
+    linkage: str | None = Field(
+        default=None,
+        description="Where the DICOM path linkage goes (default: MEDRAY_HOME, 0600).",
     )
 
     @field_validator("dataset")
@@ -126,11 +151,41 @@ class TrainSpec(JobSpec):
     )
     seed: int = Field(default=0, description="Random seed.")
     run_id: str | None = Field(default=None, description="Training run id (for --resume).")
+    calibrate: bool = Field(
+        default=True, description="Fit temperature scaling on validation (scores calibrated)."
+    )
+    operating_point: str = Field(
+        default="youden",
+        description="Threshold rules chosen on validation: youden, sensitivity=0.95, "
+        "specificity=0.90, comma-separated, LABEL:RULE for one label; the first is used.",
+    )
+    intended_use: str | None = Field(
+        default=None, description="Model card: intended use (default: research use only)."
+    )
+    out_of_scope: str | None = Field(
+        default=None, description="Model card: out-of-scope uses, ';'-separated."
+    )
+    card_file: str | None = Field(
+        default=None,
+        description="Model card text: YAML/JSON with intended_use, out_of_scope, users, "
+        "limitations, ethical_considerations.",
+    )
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @field_validator("operating_point")
+    @classmethod
+    def _operating_point(cls, v: str) -> str:
+        from medray.workers.operating_points import parse
+
+        try:
+            parse(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return v
 
     @field_validator("run_id")
     @classmethod
@@ -186,6 +241,14 @@ class ReportSpec(JobSpec):
         default=0.2,
         gt=0,
         description="PSI above which a label is flagged as drifted (with KS p < 0.01).",
+    )
+    heatmap_layer: str | None = Field(
+        default=None, description="Grad-CAM layer name (default: the last conv feature map)."
+    )
+    subgroups: str | None = Field(
+        default=None,
+        description="Patient attributes to break metrics down by, comma-separated (e.g. "
+        "'Patient Age,Patient Gender,View Position'); default: those the dataset has; none.",
     )
 
     @field_validator("run_id", "reference", "compare")

@@ -32,6 +32,14 @@ def load_prices(path: str | None = None) -> dict[str, dict[str, float]] | None:
     }
 
 
+def prices_from_env() -> dict[str, dict[str, float]] | None:
+    """The price table a job received from the CLI (``MEDRAY_PRICES_JSON``), or None."""
+    import json
+
+    prices = json.loads(env.get(env.PRICES_JSON) or "null")
+    return prices or None
+
+
 def _node_types() -> dict[str, str]:
     from ray.util.state import list_nodes
 
@@ -56,23 +64,26 @@ def _settled(tasks: list[Any]) -> bool:
                                     if t.start_time_ms and not t.actor_id)
 
 
-def job_usage(wall_s: float) -> dict[str, Any]:
-    """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure)."""
+def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
+    """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure).
+
+    ``settle_tries``: how many more times (a second apart) to list while task events lag; 0
+    for a job that is being stopped and has seconds left."""
     try:
         import ray
         from ray.util.state import list_actors, list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
         # Workers report task events about once a second: list again while the last calls of
-        # an actor still lack their node or end time (bounded: three more tries).
-        for attempt in range(4):
+        # an actor still lack their node or end time (bounded: ``settle_tries`` more tries).
+        for attempt in range(settle_tries + 1):
             tasks = list_tasks(
                 filters=[("job_id", "=", job_hex)],
                 detail=True,
                 limit=10_000,
                 raise_on_missing_output=False,
             )
-            if attempt == 3 or _settled(tasks):
+            if attempt == settle_tries or _settled(tasks):
                 break
             time.sleep(1.0)
         # Where each actor runs comes from the GCS actor table, which has no reporting lag.

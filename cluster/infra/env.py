@@ -17,6 +17,7 @@ PRICES = "MEDRAY_PRICES"  # a price table file (configs/cluster/prices.yaml); un
 PRICES_JSON = "MEDRAY_PRICES_JSON"  # the price table as the job receives it (not secret)
 STORAGE_RETRY_SECONDS = "MEDRAY_STORAGE_RETRY_SECONDS"  # how long transient storage errors retry
 DEID_SALT = "MEDRAY_DEID_SALT"  # the de-identification salt, when not in MEDRAY_HOME
+DEID_SALT_FILE = "MEDRAY_DEID_SALT_FILE"  # a file holding it (a mounted secret on clusters)
 FAULT = "MEDRAY_FAULT"  # fault injection for tests (see cluster/infra/faults.py)
 
 # Other tools' names that medray reads too.
@@ -26,6 +27,7 @@ AWS_ENDPOINT_URL_S3 = "AWS_ENDPOINT_URL_S3"  # the same, for S3 only
 AWS_REGION = "AWS_REGION"
 AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # set: use the AWS chain, not the embedded lake's keys
+RAY_JOB_STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"  # set on every job: Ray's SIGTERM-to-SIGKILL wait
 
 # What a job needs from the submitting environment. Nothing secret: credentials are found on
 # the nodes themselves (AWS chain, MEDRAY_HOME files), never sent through job submission.

@@ -3,7 +3,9 @@
 ``MEDRAY_FAULT`` travels with a job's environment. Forms:
 
 - ``stage_crash_on:TEXT``: a staging decoder dies on the first input whose URI contains TEXT;
-- ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N.
+- ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N;
+- ``score_batch_delay:S``: a scorer actor waits S seconds after each batch, so a test's score
+  job is still running (without burning CPU) when it stops, kills or races it.
 
 Unset (every real run), every hook here is a no-op.
 """
@@ -34,6 +36,15 @@ def train_exit_epoch() -> int | None:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+def score_batch_delay() -> float:
+    """S of ``score_batch_delay:S`` (0.0 when unset or not a number)."""
+    value = _value("score_batch_delay:")
+    try:
+        return max(0.0, float(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 def die() -> None:

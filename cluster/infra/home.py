@@ -45,11 +45,16 @@ def pid_alive(pid: int) -> bool:
 
 
 def deid_salt() -> bytes:
-    """The salt for patient keys and UID remapping: MEDRAY_DEID_SALT, else a generated file.
+    """The salt for patient keys, UID remapping, date shifts and path pseudonyms.
 
-    It must stay the same across staging jobs so a patient keeps one key; on a multi-node
-    cluster set MEDRAY_DEID_SALT on every node (a secret: never logged or written to the lake).
+    From the file MEDRAY_DEID_SALT_FILE names (on the AWS and KubeRay configs a secret mounted
+    on every node, docs/cloud.md), else MEDRAY_DEID_SALT, else ``MEDRAY_HOME/deid_salt``,
+    generated on first use: 32 random bytes (as hex), a 0600 file. It must stay the same across
+    staging jobs so a patient keeps one key (a secret: never logged or written to the lake).
     """
+    from_file = env.get(env.DEID_SALT_FILE)
+    if from_file:
+        return Path(from_file).read_text().strip().encode()
     given = env.get(env.DEID_SALT)
     if given:
         return given.encode()

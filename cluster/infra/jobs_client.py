@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medray.cluster.infra import env, ray_local
+from medray.cluster.infra import env, ray_local, stopping
 from medray.workers.errors import InfraError, NotFoundError
 from medray.workers.specs import JobSpec
 
@@ -54,7 +54,9 @@ def submit(
         for p in (job_python(address), "-m", "medray.jobs.entry", kind, "--spec", payload)
     )
     env_vars = {k: os.environ[k] for k in env.PASS_TO_JOBS if os.environ.get(k)}
-    env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                     # a stopped driver gets time to record its usage (see stopping.py)
+                     env.RAY_JOB_STOP_WAIT: str(stopping.STOP_GRACE_S)})
     if job_id:
         env_vars[env.JOB_ID] = job_id
     env_vars.update(extra_env or {})
@@ -84,6 +86,30 @@ def status(job_id: str, address: str | None) -> str:
         return str(client(address).get_job_status(job_id).value)
     except RuntimeError as exc:
         raise NotFoundError(f"no job {job_id!r} on this cluster: {exc}") from exc
+
+
+def job_state(job_id: str, address: str | None) -> str | None:
+    """Ray's status of a job (RUNNING, STOPPED...), or None when the cluster does not know it.
+    For the CLI process; a job driver asks :func:`job_state_in_cluster`."""
+    try:
+        return str(client(address).get_job_status(job_id).value)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            return None
+        raise
+
+
+def job_state_in_cluster(job_id: str) -> str | None:
+    """:func:`job_state` from inside a job driver (Ray initialised), through Ray's state API,
+    which finds the cluster's dashboard itself."""
+    from ray.util.state import list_jobs
+
+    for job in list_jobs(filters=[("submission_id", "=", job_id)], limit=10,
+                         raise_on_missing_output=False):
+        status = job.get("status") if isinstance(job, dict) else getattr(job, "status", None)
+        if status is not None:
+            return str(getattr(status, "value", status))
+    return None
 
 
 def logs(job_id: str, address: str | None) -> str:

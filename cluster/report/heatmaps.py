@@ -11,9 +11,10 @@ import logging
 from typing import Any
 
 from medray.cluster.report import inputs, remote
-from medray.cluster.store import layout, registry
+from medray.cluster.store import layout
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import NotFoundError
+from medray.workers.models import ModelCard
 from medray.workers.run_data import RunData, top_images
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 _NOT_IN_TABLE = ("png", "label_index")
 
 
-def start(lake: Lake, marker: dict[str, Any], cur: RunData, k: int) -> Any | None:
+def start(lake: Lake, marker: dict[str, Any], card: ModelCard, cur: RunData, k: int,
+          layer: str | None = None) -> Any | None:
     """Submit the Grad-CAM task for the top-``k`` images per label of the run whose commit
     marker is ``marker``; returns its ObjectRef, or None when there is nothing to draw."""
     picks = top_images(cur, k)
@@ -32,7 +34,6 @@ def start(lake: Lake, marker: dict[str, Any], cur: RunData, k: int) -> Any | Non
     if shards is None:
         raise NotFoundError(f"dataset {marker['dataset']}:{marker['dataset_version']} is gone, "
                             "so there are no pixels for heatmaps; run without --heatmaps")
-    card = registry.resolve(lake, f"{marker['model']}:{marker['model_version']}")
     requests: dict[str, list[str]] = {}
     payload = []
     for j, rank, row in picks:
@@ -44,24 +45,26 @@ def start(lake: Lake, marker: dict[str, Any], cur: RunData, k: int) -> Any | Non
         payload.append({"label": cur.labels[j], "label_index": j, "rank": rank,
                         "image_id": image, "score": float(cur.scores[row, j])})
     task = remote.as_task(remote.heatmaps, num_cpus=1)
-    return task.remote(lake, card, requests, payload)
+    return task.remote(lake, card, requests, payload, layer)
 
 
-def finish(lake: Lake, run_id: str, ref: Any | None) -> list[dict[str, Any]]:
-    """Wait for the Grad-CAM task and write its PNGs into the run's report; returns one dict
-    per overlay (label, rank, image_id, score, png, layer, uri)."""
+def finish(lake: Lake, run_id: str, ref: Any | None) -> tuple[list[dict[str, Any]], str | None]:
+    """Wait for the Grad-CAM task and write its PNGs into the run's report: (one dict per
+    overlay (label, rank, image_id, score, png, layer, uri), the line saying why there are
+    none when the model could not be explained)."""
     import ray
 
     if ref is None:
-        return []
-    results: list[dict[str, Any]] = ray.get(ref)
+        return [], None
+    done: dict[str, Any] = ray.get(ref)
+    results: list[dict[str, Any]] = done["results"]
     for r in results:
         rel = layout.run_report_heatmap(run_id, r["label"], r["rank"], r["image_id"])
         lake.write_bytes(rel, r["png"])
         r["uri"] = lake.full_uri(rel)
     log.info("wrote %d Grad-CAM overlays (layer %s)", len(results),
              results[0]["layer"] if results else "-")
-    return results
+    return results, done.get("note")
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -69,8 +69,11 @@ def shard_paths(lake: Lake, marker: dict[str, Any]) -> dict[str, str] | None:
     return {layout.shard_stem(s["path"]): s["path"] for s in manifest["shards"]}
 
 
-def load_patient_keys(lake: Lake, marker: dict[str, Any]) -> pa.Table | None:
-    """(image_id, patient_key) of the run's dataset shards, read in parallel; None if gone."""
+def load_patient_keys(lake: Lake, marker: dict[str, Any], attributes: bool = False
+                      ) -> pa.Table | None:
+    """(image_id, patient_key[, attributes]) of the run's dataset shards, read in parallel;
+    None if the dataset is gone. ``attributes`` adds each image's patient attributes as JSON
+    (``workers/run_data.attribute_json``)."""
     shards = shard_paths(lake, marker)
     if shards is None:
         log.warning("dataset %s:%s is gone: CIs resample images", marker["dataset"],
@@ -78,6 +81,6 @@ def load_patient_keys(lake: Lake, marker: dict[str, Any]) -> pa.Table | None:
         return None
     stems = [layout.prediction_stem(f) for f in marker["files"]]
     task = remote.as_task(remote.read_keys, num_cpus=_READER_CPUS)
-    tables = gather([task.remote(lake, shards[s], marker.get("split"))
+    tables = gather([task.remote(lake, shards[s], marker.get("split"), attributes)
                      for s in stems if s in shards])
     return pa.concat_tables(tables) if tables else None

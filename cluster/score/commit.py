@@ -1,10 +1,12 @@
 """A score run's files: one prediction file (and an errors file when rows failed) per input
 shard, then the scored-images index, the commit marker that makes the run visible, and tidying.
 
-Exactly once rests on two orders. In a shard, errors are written first and predictions last,
-so a prediction file means the shard is complete and a resumed attempt skips it. In a run, the
-index is written before the marker and counts only once the marker exists, so --only-new never
-trusts an uncommitted run.
+Exactly once rests on two orders and a lease. In a shard, errors are written first and
+predictions last, so a prediction file means the shard is complete and a resumed attempt
+checks it (``resume.py``) and keeps it. In a run, the index is written before the marker and
+counts only once the marker exists, so --only-new never trusts an uncommitted run. Every write
+here first checks that this attempt still holds the run's lease (``store/leases.py``), and the
+marker is created only if absent, so a run is committed once, by one attempt.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster.store import layout
-from medray.cluster.store.lake import Lake
+from medray.cluster.store import atomic, layout
+from medray.cluster.store.lake import Lake, json_bytes
+from medray.cluster.store.leases import Lease
 from medray.workers.errors import InfraError
 from medray.workers.scorer import prediction_schema
 from medray.workers.shards import error_table, now_utc
@@ -55,11 +58,12 @@ def written(lake: Lake, folder: str) -> dict[str, str]:
 
 
 def write_shard(lake: Lake, files: RunFiles, stem: str, table: pa.Table | None,
-                stale_errors: frozenset[str]) -> None:
+                stale_errors: frozenset[str], lease: Lease) -> None:
     """Write one shard's scored rows (None: the shard had no row to score).
 
     ``stale_errors`` are the shards with an errors file from an earlier attempt: when this
-    attempt scores all of a shard's rows, that file must not survive.
+    attempt scores all of a shard's rows, that file must not survive. Nothing is written once
+    ``lease`` is lost (LeaseLostError).
     """
     if table is None:
         preds = prediction_schema(list(files.labels)).empty_table().drop_columns(["error"])
@@ -79,21 +83,25 @@ def write_shard(lake: Lake, files: RunFiles, stem: str, table: pa.Table | None,
     preds = preds.append_column("run_id", pa.array([files.run_id] * n, pa.string()))
     preds = preds.append_column("scored_at", pa.array([now_utc()] * n,
                                                       pa.timestamp("us", tz="UTC")))
+    lease.check()
     if failed_rows:
         lake.write_parquet(files.errors(stem), error_table(failed_rows))
     elif stem in stale_errors:
         lake.delete(files.errors(stem))
+    lease.check()
     lake.write_parquet(files.predictions(stem), preds)
     log.info("shard %s: %d predictions, %d errors written", stem, n, len(failed_rows))
 
 
-def commit(lake: Lake, doc: dict[str, Any], files: RunFiles, stems: Iterable[str], job_id: str,
+def commit(lake: Lake, doc: dict[str, Any], files: RunFiles, stems: Iterable[str], lease: Lease,
            gpus: float, started: float) -> dict[str, Any]:
     """Index and commit a run whose every shard ``stems`` names has a prediction file.
 
     ``doc`` is the run's run.json and ``started`` the attempt's ``time.monotonic()`` start;
-    returns the commit marker.
+    returns the commit marker. The lease is checked before the index and the marker, the
+    marker is created only if absent, and the lease is released once the marker exists.
     """
+    lease.check()
     run_id = files.run_id
     base = layout.run_root(run_id)
     stems = list(stems)
@@ -115,23 +123,34 @@ def commit(lake: Lake, doc: dict[str, Any], files: RunFiles, stems: Iterable[str
                    for f in error_files)
     actors = [lake.read_json(f) for f in lake.list_files(layout.run_actors_dir(run_id))
               if f.endswith(".json") and not f.rsplit("/", 1)[-1].startswith(".")]
+    lease.check()
     lake.write_parquet(layout.scored_index(files.model, files.model_version, doc["dataset"],
                                            run_id),
                        pa.table({"image_id": ids}))
     marker = {**doc, "files": pred_files, "error_files": error_files, "images": len(ids),
               "errors": n_errors, "actors": actors, "gpus_per_actor": gpus,
-              "committed_at": now_utc().isoformat(), "committed_by": job_id,
+              "committed_at": now_utc().isoformat(), "committed_by": lease.owner,
+              "replaced_attempts": lease.doc.get("replaced", []),
               "seconds": round(time.monotonic() - started, 2)}
-    lake.write_json(layout.run_commit(run_id), marker)  # the commit point
+    lease.check()
+    if not atomic.create_if_absent(lake, layout.run_commit(run_id), json_bytes(marker)):
+        raise InfraError(f"run {run_id}: another attempt committed it first; this attempt "
+                         "(which held the lease until now) leaves the committed run as it is")
+    lease.release()
     if doc["only_new"]:
         lake.delete(layout.scored_inflight_run(files.model, files.model_version, doc["dataset"],
                                                run_id))
-    tidy(lake, base)
+    tidy(lake, base, [lease.owner, *lease.replaced_owners()])
     return marker
 
 
-def tidy(lake: Lake, folder: str) -> None:
-    """Remove temporaries a killed attempt left in a local lake (S3 PUTs leave none)."""
+def tidy(lake: Lake, folder: str, attempts: Iterable[str]) -> None:
+    """Remove the temporaries that ``attempts`` (this job and the dead ones whose lease it
+    took over) left in a local lake; another attempt's are never touched. S3 PUTs leave
+    none."""
+    prefixes = tuple(lake.tmp_prefix(a) for a in attempts if a)
+    if not lake.is_local or not prefixes:
+        return
     for f in lake.list_files(folder, recursive=True):
-        if f.rsplit("/", 1)[-1].startswith(".tmp-"):
+        if f.rsplit("/", 1)[-1].startswith(prefixes):
             lake.delete(f)

@@ -3,18 +3,23 @@ input shard -> a commit marker listing every file. Resumable and exactly-once pe
 
 A run in the lake (paths from ``medray.cluster.store.layout``)::
 
+    runs/<run_id>/_LEASE.json                    the one job that may write the run
     runs/<run_id>/run.json                       what the run scores, frozen at its first start
     runs/<run_id>/actors/<actor>.json            node, GPUs and precision of each scorer actor
+    runs/<run_id>/usage/<job_id>.json            what each attempt used, however it ended
     runs/<run_id>/errors/[date=D/]<shard>.parquet     images that could not be scored
     runs/<run_id>/predictions/[date=D/]<shard>.parquet   one per input shard, written last
     runs/<run_id>/_COMMITTED.json                the commit point: lists every file
     indexes/scored/<model>/<version>/<dataset>/<run_id>.parquet   image ids the run scored
 
-Exactly once: a shard's prediction file is written (atomically) only when all its rows are
-scored, and a resumed run (same --run-id) skips the shards that have one. Everything a resume
-could see differently (dataset and model version, the --only-new baseline, the date partition)
-is frozen in run.json at the first start. This module starts or resumes the run and drives the
-pipeline; ``remote.py`` holds what runs in the actors and ``commit.py`` writes the files.
+Exactly once: one attempt at a time holds the run's lease (``store/leases.py``) and checks it
+before every write; a shard's prediction file is written (atomically) only when all its rows
+are scored, and a resumed run (same --run-id) keeps the shards whose file passes the check in
+``resume.py`` and scores the rest. Everything a resume could see differently (dataset and
+model version, the --only-new baseline, the date partition) is frozen in run.json at the first
+start. This module takes the lease, starts or resumes the run and drives the pipeline;
+``remote.py`` holds what runs in the actors, ``commit.py`` writes the files and ``usage.py``
+records what the attempt used.
 """
 
 from __future__ import annotations
@@ -29,11 +34,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medray.cluster.infra import jobs_client
 from medray.cluster.infra.context import JobContext
+from medray.cluster.score import resume
 from medray.cluster.score.commit import RunFiles, commit, write_shard, written
 from medray.cluster.score.precheck import check_resume, check_sizes, no_gpu_message
 from medray.cluster.score.remote import ScorerActor, ShardReader
-from medray.cluster.store import catalog, layout, registry, runs
+from medray.cluster.score.usage import EVERY_S as USAGE_EVERY_S
+from medray.cluster.score.usage import UsageRecorder
+from medray.cluster.store import catalog, layout, leases, registry, runs
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError
 from medray.workers.models import ModelCard
@@ -61,12 +70,38 @@ class Attempt:
     skip: pa.Array | None  # --only-new: the ids the baseline's committed runs scored
     only: pa.Array | None  # --retry-failed: the ids that failed in that run
     stale_errors: frozenset[str]  # stems with an errors file from an earlier attempt
+    lease: leases.Lease  # checked before every file this attempt writes
 
 
 def run(spec: ScoreSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
-    """Start or resume the run, score the shards without a prediction file, commit the run."""
+    """Take the run's lease, then start or resume the run, score the shards without a sound
+    prediction file and commit the run. The lease is renewed (and this attempt's usage
+    recorded) from a daemon thread until the job ends, however it ends."""
     started = time.monotonic()
-    doc, resumed = start_run(lake, spec, ctx)
+    lake = lake.tagged(ctx.job_id)  # this attempt's local temporaries carry its job id
+    check_resume(lake, spec)  # a committed run id is refused before anything is written
+    run_id = spec.run_id or _new_run_id(lake, spec)
+    lease = leases.acquire(lake, run_id, ctx.job_id, jobs_client.job_state_in_cluster,
+                           by="job")
+    log.info("run %s: lease taken by job %s%s", run_id, ctx.job_id,
+             "".join(f" (replacing job {r['owner']}: {r['why']})"
+                     for r in lease.doc["replaced"][-1:]))
+    try:  # checked again under the lease: the run may have been committed meanwhile
+        doc, resumed = start_run(lake, spec, ctx, run_id)
+    except BaseException:
+        lease.release()  # refused before any work: this attempt leaves nothing behind
+        raise
+    usage = UsageRecorder(lake, run_id, ctx.job_id, started)
+    try:
+        with leases.Keeper(lease, chores=((USAGE_EVERY_S, usage.running),)):
+            return _run_leased(spec, lake, ctx, lease, doc, resumed, started)
+    except BaseException as exc:
+        usage.ended(exc)
+        raise
+
+
+def _run_leased(spec: ScoreSpec, lake: Lake, ctx: JobContext, lease: leases.Lease,
+                doc: dict[str, Any], resumed: bool, started: float) -> dict[str, Any]:
     run_id = doc["run_id"]
     if resumed:
         log.info("resuming run %s (started %s)", run_id, doc["started_at"])
@@ -84,23 +119,28 @@ def run(spec: ScoreSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     files = RunFiles(run_id=run_id, model=card.name, model_version=card.version,
                      labels=tuple(card.labels), date_dir=date_dir)
     stems = {layout.shard_stem(s["path"]): s["path"] for s in manifest["shards"]}
-    done = written(lake, layout.run_predictions_dir(run_id))
-    pending = tuple(path for stem, path in stems.items() if stem not in done)
     skip = runs.scored_ids(lake, card.name, card.version, dataset, doc["only_new_runs"]) \
         if doc["only_new"] else None
     only = _failed_ids(lake, doc["retry_failed"]) if doc.get("retry_failed") else None
-    log.info("run %s: %s:%d with %s:%d, %d shards, %d already written, %d to score%s%s",
+    done = written(lake, layout.run_predictions_dir(run_id))
+    error_files = written(lake, layout.run_errors_dir(run_id))
+    # an earlier attempt's file is kept only if it holds exactly the rows it should
+    rejected = resume.unsound(lake, stems, done, error_files,
+                              resume.RowChoice(doc["split"], skip, only)) if done else set()
+    pending = tuple(path for stem, path in stems.items()
+                    if stem not in done or stem in rejected)
+    log.info("run %s: %s:%d with %s:%d, %d shards, %d already written, %d to score%s%s%s",
              run_id, dataset, dversion, card.name, card.version, len(stems),
              len(stems) - len(pending), len(pending),
+             f" ({len(rejected)} rejected on checking)" if rejected else "",
              f", skipping {len(skip)} images scored by earlier runs" if skip is not None else "",
              f", retrying {len(only)} failed images of {doc['retry_failed']}"
              if only is not None else "")
     if pending:
-        stale = frozenset(written(lake, layout.run_errors_dir(run_id)))
         _score_shards(lake, Attempt(spec=spec, job_id=ctx.job_id, card=card, files=files,
                                     gpus=gpus, pending=pending, skip=skip, only=only,
-                                    stale_errors=stale))
-    marker = commit(lake, doc, files, stems, ctx.job_id, gpus, started)
+                                    stale_errors=frozenset(error_files), lease=lease))
+    marker = commit(lake, doc, files, stems, lease, gpus, started)
     already = len(stems) - len(pending)
     log.info("committed run %s: %d images scored, %d errors, %d files (%d from earlier "
              "attempts), %.1fs", run_id, marker["images"], marker["errors"],
@@ -108,6 +148,8 @@ def run(spec: ScoreSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     return {"job_id": ctx.job_id, "run_id": run_id,
             "predictions_uri": lake.full_uri(layout.run_predictions_dir(run_id)),
             "errors_uri": lake.full_uri(layout.run_errors_dir(run_id)),
+            # what to read: the marker lists the committed files (the folders may hold others)
+            "commit_uri": lake.full_uri(layout.run_commit(run_id)),
             "images": marker["images"], "errors": marker["errors"], "model": card.name,
             "model_version": card.version, "dataset": doc["dataset"],
             "dataset_version": doc["dataset_version"], "shards": len(marker["files"]),
@@ -116,9 +158,16 @@ def run(spec: ScoreSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ starting or resuming a run
-def start_run(lake: Lake, spec: ScoreSpec, ctx: JobContext) -> tuple[dict[str, Any], bool]:
+def _new_run_id(lake: Lake, spec: ScoreSpec) -> str:
+    card = registry.resolve(lake, spec.model)
+    assert card.version is not None  # a resolved card is a registered version
+    return runs.new_run_id(card.name, card.version)
+
+
+def start_run(lake: Lake, spec: ScoreSpec, ctx: JobContext,
+              run_id: str) -> tuple[dict[str, Any], bool]:
     """The run's run.json (new, or the one frozen at its first start, with this attempt added)
-    and whether this is a resume."""
+    and whether this is a resume. Called holding the run's lease."""
     existing = check_resume(lake, spec)
     if existing:
         attempts = [*existing.get("attempts", []), {"job_id": ctx.job_id,
@@ -129,7 +178,6 @@ def start_run(lake: Lake, spec: ScoreSpec, ctx: JobContext) -> tuple[dict[str, A
     dataset, dversion, _ = catalog.resolve(lake, spec.dataset)
     card = registry.resolve(lake, spec.model)
     assert card.version is not None  # a resolved card is a registered version
-    run_id = spec.run_id or runs.new_run_id(card.name, card.version)
     started = now_utc()
     doc = {"run_id": run_id, "job_id": ctx.job_id, "dataset": dataset,
            "dataset_version": dversion, "model": card.name, "model_version": card.version,
@@ -151,8 +199,8 @@ def start_run(lake: Lake, spec: ScoreSpec, ctx: JobContext) -> tuple[dict[str, A
 def _warn_concurrent_only_new(lake: Lake, doc: dict[str, Any], job_id: str) -> None:
     """Two uncommitted --only-new runs cannot see each other's images: say so.
 
-    The lake has no atomic create-if-absent to make a lock of, so this warns rather than
-    refuses; a run that was killed and never resumed would otherwise block every later one.
+    This warns rather than refuses: a run that was killed and never resumed would otherwise
+    block every later one (a run's lease guards one run id, not a model and dataset).
     """
     model, version, dataset = doc["model"], doc["model_version"], doc["dataset"]
     others = [f.rsplit("/", 1)[-1].removesuffix(".json")
@@ -248,7 +296,7 @@ def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table
             expected = part.column("_shard_rows")[0].as_py()
             if counts[stem] == expected:
                 write_shard(lake, attempt.files, stem, pa.concat_tables(buffers.pop(stem)),
-                            attempt.stale_errors)
+                            attempt.stale_errors, attempt.lease)
                 written_shards += 1
             elif counts[stem] > expected:
                 raise RuntimeError(f"shard {stem}: {counts[stem]} rows for {expected} inputs")
@@ -263,6 +311,6 @@ def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table
     for path in attempt.pending:
         stem = layout.shard_stem(path)
         if stem not in counts:
-            write_shard(lake, attempt.files, stem, None, attempt.stale_errors)
+            write_shard(lake, attempt.files, stem, None, attempt.stale_errors, attempt.lease)
     log.info("scored %d images in %d shards, %.0f img/s after start-up", images,
              len(attempt.pending), images / max(1e-9, time.monotonic() - t0))

@@ -2,15 +2,17 @@
 
 A refused spec costs the user nothing here (the CLI exits 2); on the cluster it would cost a
 job start. The job driver repeats the size and resume checks (``job.py`` imports them from
-here), because the lake can change between submission and start.
+here), because the lake can change between submission and start. ``claim`` takes the run's
+lease for the job about to be submitted, so a second attempt at a live run is refused here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from medray.cluster.store import catalog, layout, registry, runs
+from medray.cluster.store import catalog, layout, leases, registry, runs
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError, InputError
 from medray.workers.models import ModelCard
@@ -30,6 +32,20 @@ def precheck(spec: ScoreSpec, lake: Lake, address: str | None) -> None:
         have = cluster_gpus(address)
         if have is not None and have < spec.gpus_per_actor:
             raise ConfigError(no_gpu_message(spec.gpus_per_actor, have))
+
+
+def claim(spec: ScoreSpec, lake: Lake, address: str | None,
+          job_id: str) -> Callable[[], object] | None:
+    """Take the run's lease for ``job_id`` before it is submitted (only a named ``--run-id``
+    can meet another attempt); ConfigError (exit 2) names the live job that holds it. Returns
+    what lets go of it when the job cannot be submitted after all."""
+    if not spec.run_id:
+        return None
+    from medray.cluster.infra import jobs_client
+
+    lease = leases.acquire(lake, spec.run_id, job_id,
+                           lambda other: jobs_client.job_state(other, address), by="cli")
+    return lease.release
 
 
 def cluster_gpus(address: str | None) -> float | None:

@@ -11,13 +11,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster.infra import logs
+from medray.cluster.infra import faults, logs
 from medray.cluster.store import layout, registry
 from medray.cluster.store.lake import Lake
 from medray.workers.models import ModelCard
@@ -25,6 +26,21 @@ from medray.workers.scorer import INPUT_COLUMNS, Scorer
 from medray.workers.shards import now_utc
 
 log = logging.getLogger(__name__)
+
+
+def rows_wanted(keys: pa.Table, split: str | None, skip: pa.Array | None,
+                only: pa.Array | None) -> pa.Array:
+    """One boolean per row of ``keys`` (image_id, split): does the run score it? The one
+    rule, shared by the reader and by the resume's check of an earlier attempt's files."""
+    mask = pa.array([True] * keys.num_rows)
+    if split:
+        mask = pc.and_(mask, pc.equal(keys.column("split"), split))
+    if skip is not None and len(skip):
+        mask = pc.and_(mask, pc.invert(pc.is_in(keys.column("image_id"), value_set=skip)))
+    if only is not None:
+        mask = pc.and_(mask, pc.is_in(keys.column("image_id"), value_set=only))
+    mask = pc.fill_null(mask, False)
+    return mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
 
 
 class ShardReader:
@@ -45,16 +61,7 @@ class ShardReader:
 
     def wanted(self, keys: pa.Table) -> pa.Array:
         """One boolean per row of ``keys`` (image_id, split): score it or not."""
-        mask = pa.array([True] * keys.num_rows)
-        if self.split:
-            mask = pc.and_(mask, pc.equal(keys.column("split"), self.split))
-        if self.skip is not None and len(self.skip):
-            mask = pc.and_(mask, pc.invert(pc.is_in(keys.column("image_id"),
-                                                    value_set=self.skip)))
-        if self.only is not None:
-            mask = pc.and_(mask, pc.is_in(keys.column("image_id"), value_set=self.only))
-        mask = pc.fill_null(mask, False)
-        return mask.combine_chunks() if isinstance(mask, pa.ChunkedArray) else mask
+        return rows_wanted(keys, self.split, self.skip, self.only)
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         for item in batch["path"]:
@@ -88,7 +95,7 @@ class ScorerActor:
         import ray
 
         logs.configure()
-        lake = Lake(lake_uri)
+        lake = Lake(lake_uri).tagged(job_id)  # a killed attempt's temporaries carry its id
         # a private copy: the shared per-name cache of registry.fetch is keyed by name and
         # version only, so two lakes (or two actors writing it at once) could mix files up
         cache = tempfile.mkdtemp(prefix="medray-scorer-")
@@ -97,6 +104,7 @@ class ScorerActor:
             self.scorer = Scorer(path, card, mixed_precision=mixed_precision, threads=threads)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
+        self.delay_s = faults.score_batch_delay()
         ctx = ray.get_runtime_context()
         info: dict[str, Any] = {
             "actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(), "pid": os.getpid(),
@@ -110,4 +118,7 @@ class ScorerActor:
                  info["precision"])
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return self.scorer(table)
+        scored = self.scorer(table)
+        if self.delay_s:  # fault tests only (MEDRAY_FAULT=score_batch_delay:S)
+            time.sleep(self.delay_s)
+        return scored

@@ -2,9 +2,11 @@
 
 - ``precheck``: the CLI process, before submitting (no Ray): source, format, CSV columns;
 - ``job``: ``run(spec, lake, ctx)`` on the job driver: list, decode, write, commit;
-- ``remote``: what Ray runs elsewhere: the batch decoders, their crash guard, .npz readers;
+- ``remote``: what Ray runs elsewhere: the batch decoders; ``crash``: their crash guard;
 - ``sources`` picks the lister: ``listing`` (folders, S3 prefixes, single files),
-  ``csv_source`` (CSV/TSV manifests), ``npz_source`` (MedMNIST arrays);
-- ``pipeline``: the Ray Data pipeline from a listing to decoded batches;
-- ``writer``: balanced shards and the errors table; ``reuse``: the previous version's shards.
+  ``csv_source`` (CSV/TSV manifests), ``npz_source`` (MedMNIST arrays, and the tasks that
+  stream them);
+- ``pipeline``: the Ray Data pipeline from a listing to decoded batches, retries bounded;
+- ``writer``: balanced shards and the errors table; ``reuse``: the previous version's shards;
+- ``linkage``: the private DICOM path linkage; ``purge``: deleting versions, reading errors.
 """

@@ -1,9 +1,10 @@
 """CSV/TSV manifests as a staging source, such as ChestX-ray14's Data_Entry_2017.csv.
 
 Each row names an image by a path relative to the images root (``--images-root``, default the
-manifest's folder) and its labels. A path that is absolute, a URI or climbs out of the root is
-an error row and is never read; a bare file name is also looked up anywhere below the root
-(ChestX-ray14 ships ``images_001/images/...`` folders).
+manifest's folder), its labels and, with ``--split-column``, its split (empty: by patient). A
+path that is absolute, a URI or climbs out of the root is an error row and is never read; a bare
+file name is also looked up anywhere below the root (ChestX-ray14 ships ``images_001/images/...``
+folders).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from medray.cluster.stage.listing import list_tree
+from medray.cluster.stage.listing import SPLIT_DIRS, list_tree
 from medray.cluster.store.lake import source_filesystem, source_uri
 from medray.workers.errors import ConfigError, NotFoundError
 from medray.workers.shards import nohash_key
@@ -64,8 +65,9 @@ def check_columns(spec: StageSpec, columns: list[str]) -> str | None:
     """The patient column to group splits by (None: group by file name); ConfigError naming
     the flag to pass when a column the spec needs is missing."""
     for flag, needed in (("--path-column", spec.path_column),
-                         ("--label-column", spec.label_column)):
-        if needed not in columns:
+                         ("--label-column", spec.label_column),
+                         ("--split-column", spec.split_column)):
+        if needed is not None and needed not in columns:
             raise ConfigError(f"{spec.source} has no column {needed!r}"
                               f"{_suggest(needed, columns)}: pass {flag} (columns: {columns})")
     patient = spec.patient_column
@@ -122,8 +124,9 @@ def csv_items(spec: StageSpec) -> list[dict[str, Any]]:
         rel = (row.get(spec.path_column) or "").strip()
         labels = parse_labels(row.get(spec.label_column), spec.label_sep, spec.no_finding)
         patient = (row.get(patient_column) or "").strip() if patient_column else ""
+        split_value = (row.get(spec.split_column) or "").strip() if spec.split_column else ""
         item: dict[str, Any] = {
-            "kind": "file", "labels": labels, "split": None,
+            "kind": "file", "labels": labels, "split": SPLIT_DIRS.get(split_value.lower()),
             "patient_key": f"csv:{patient}" if patient else f"name:{nohash_key(rel)}",
         }
         resolved = resolve_under(root, rel)
@@ -151,7 +154,13 @@ def csv_items(spec: StageSpec) -> list[dict[str, Any]]:
             if found is None and "error_type" not in item:
                 item["error_type"] = "missing"
                 item["error_message"] = f"line {line}: {rel!r} is not under the images root"
-        if known and labels and "error_type" not in item and set(labels) - known:
+        if "error_type" in item:
+            pass  # the first reason stands
+        elif split_value and item["split"] is None:
+            item["error_type"] = "bad_split"
+            item["error_message"] = (f"line {line}: split {split_value!r} is not one of "
+                                     f"{sorted(set(SPLIT_DIRS.values()))} (or empty)")
+        elif known and labels and set(labels) - known:
             item["error_type"] = "unknown_label"
             item["error_message"] = (f"line {line}: labels {sorted(set(labels) - known)} are "
                                      "not in --label-names")

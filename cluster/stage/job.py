@@ -2,14 +2,18 @@
 and write a new dataset version: balanced zstd Parquet shards, the errors table, and the
 manifest last.
 
-The driver holds at most about one shard of pixels (``ShardWriter``), the set of image ids seen
-(for de-duplication) and one small record per image of the previous version (for reuse); never
-the whole collection. A failed job deletes what it wrote; its manifest never exists, so nothing
-of it is visible to any reader.
+The version number is claimed (create-if-absent) before anything is written under it, so two
+jobs staging one dataset never share a version. The driver holds at most about one shard of
+pixels (``ShardWriter``), the set of image ids seen (for de-duplication) and one small record per
+image of the previous version (for reuse); never the whole collection. A failed job deletes
+what it wrote (its claim stays: the number is never reused); its manifest never exists, so
+nothing of it is visible to any reader. DICOM paths reach the driver only to go to the private
+linkage (``linkage``); rows, errors and logs carry pseudonyms (docs/deid.md).
 
 Re-staging the same source with the same content options makes a new version that lists the
 previous version's unchanged shards as they are (same paths), decodes only images it has not
-seen, and rewrites only shards that lost images, changed labels, or are small (``reuse``).
+seen, and rewrites only shards that lost images or are small, or whose images the source now
+labels, splits or groups differently (``reuse``); the manifest counts the moves.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medray.cluster.infra.context import JobContext
-from medray.cluster.stage import pipeline, remote, reuse, sources
+from medray.cluster.stage import linkage, pipeline, remote, reuse, sources
+from medray.cluster.stage.linkage import LinkageSink
 from medray.cluster.stage.listing import Listing
 from medray.cluster.stage.reuse import Previous
 from medray.cluster.stage.writer import ErrorSink, ShardWriter
@@ -54,11 +59,14 @@ def run(spec: StageSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
              time.monotonic() - started)
     salt_id = remote.salt_fingerprint()
     content = reuse.content_options(spec, listing.format, salt_id)
-    previous = reuse.load_previous(lake, spec, content)
-    version = catalog.next_version(lake, spec.dataset)
+    label = remote.source_label(spec.source, listing.format)
+    previous = reuse.load_previous(lake, spec, content, label) if spec.reuse else None
+    # claimed (create-if-absent) before anything is written under it: two jobs staging one
+    # dataset at once get two versions, never one version with a mix of both
+    version = catalog.claim_version(lake, spec.dataset, owner=ctx.job_id)
     lake.write_json(layout.staging_marker(spec.dataset, version),
                     {"job_id": ctx.job_id, "started_at": now_utc().isoformat()})
-    return _Version(spec, lake, ctx, version, started).stage(listing, previous, content)
+    return _Version(spec, lake, ctx, version, started, label).stage(listing, previous, content)
 
 
 @dataclass
@@ -95,8 +103,9 @@ class _Version:
     """One new version of a dataset being staged: its writers, its tally, its commit."""
 
     def __init__(self, spec: StageSpec, lake: Lake, ctx: JobContext, version: int,
-                 started: float) -> None:
+                 started: float, source_label: str) -> None:
         self.spec, self.lake, self.ctx, self.version = spec, lake, ctx, version
+        self.source = source_label  # a DICOM source: its pseudonym, never its path
         self.name = spec.dataset
         self.started = started
         self.tag = hashlib.sha256(ctx.job_id.encode()).hexdigest()[:8]
@@ -105,18 +114,17 @@ class _Version:
                                   self.tag, int(spec.shard_mb * MB))
         self.errors = ErrorSink(
             lake, functools.partial(layout.dataset_error_file, self.name, version), self.tag)
+        self.linkage = LinkageSink(linkage.location(lake, self.name, version, spec.linkage))
         self._last_log = time.monotonic()
 
     def stage(self, listing: Listing, previous: Previous | None,
               content: dict[str, Any]) -> dict[str, Any]:
-        import ray
-
         spec, lake = self.spec, self.lake
         crash_dir = os.path.join(tempfile.gettempdir(), f"medray-stage-{self.tag}")
         options = remote.DecodeOptions(
             label_names=tuple(listing.label_names), multi_label=listing.multi_label,
-            salt_id=content["salt_id"], crash_dir=crash_dir,
-            known=ray.put(previous.known) if previous and len(previous.known) else None)
+            salt_id=content["salt_id"], crash_dir=crash_dir, fmt=listing.format,
+            known=previous.known if previous and len(previous.known) else None)
         allowed = parse_max_errors(spec.max_errors, listing.inputs)
         small = previous.small(spec.shard_mb * MB) if previous else set()
         small_bytes = sum(float(previous.shards[i].get("raw_bytes", 0)) for i in small
@@ -132,9 +140,10 @@ class _Version:
                                  ) if previous else []
             shards = reused + self.writer.close()
             self.errors.flush()
+            self.linkage.flush()  # before the commit: a committed version can be traced back
             images = len(self.tally.seen)
             if images == 0:
-                raise InputError(f"no image of {spec.source} could be staged "
+                raise InputError(f"no image of {self.source} could be staged "
                                  f"({self.errors.count} errors: {dict(self.errors.by_type)}); "
                                  f"first: {self.errors.first}")
             manifest = self._manifest(listing, shards, reused, previous, content)
@@ -158,6 +167,8 @@ class _Version:
                 "errors": self.errors.count, "duplicates": self.tally.duplicates,
                 "files": self.tally.files, "bytes_read": self.tally.bytes_read,
                 "shards": len(shards), "reused_shards": len(reused),
+                "moved_images": manifest["moved_images"],
+                "rekeyed_images": manifest["rekeyed_images"],
                 "uri": lake.full_uri(base),
                 "errors_uri": (lake.full_uri(layout.dataset_errors_dir(self.name, self.version))
                                if self.errors.files else None),
@@ -172,26 +183,31 @@ class _Version:
             t.first_batch_at, t.first_batch_files = time.monotonic(), batch.num_rows
         t.files += batch.num_rows
         t.bytes_read += int(pc.sum(batch.column("_bytes")).as_py() or 0)
+        self.linkage.add(batch.column("source_uri").to_pylist(),
+                         batch.column("_raw_uri").to_pylist())
         failed = pc.is_valid(batch.column("_error_type"))
         self.errors.add(batch.filter(failed))
         good = batch.filter(pc.invert(failed))
         keep: list[int] = []
-        cols = [good.column(n).to_pylist() for n in ("image_id", "_known", "labels",
-                                                      "source_uri", "split")]
-        for i, (iid, known, labels, uri, split) in enumerate(zip(*cols, strict=True)):
+        names = ("image_id", "_known", "labels", "source_uri", "split", "patient_key",
+                 "_keep_key")
+        cols = [good.column(n).to_pylist() for n in names]
+        for i, (iid, known, labels, uri, split, key, keep_key) in enumerate(zip(*cols,
+                                                                              strict=True)):
             digest = bytes.fromhex(iid)
             if digest in t.seen:
                 t.duplicates += 1
                 continue
             t.seen.add(digest)
             if known:
-                old_split = previous.take(iid, labels, uri) if previous else None
-                if old_split is None:  # cannot happen: say so
-                    log.error("%s was reported as known but is not in the previous version; "
-                              "skipped", uri)
+                now = previous.take(iid, labels, uri, split, key, bool(keep_key)
+                                    ) if previous else None
+                if now is None:  # cannot happen: say so
+                    log.error("an input was reported as known but is not in the previous "
+                              "version; skipped")
                     continue
                 t.reused += 1
-                t.count(old_split, labels)  # an image keeps its split across versions
+                t.count(now[0], labels)
                 continue
             t.count(split, labels)
             keep.append(i)
@@ -234,7 +250,7 @@ class _Version:
             "dataset": self.name, "version": self.version, "job_id": self.ctx.job_id,
             "created_at": now_utc().isoformat(),
             "staging_seconds": round(time.monotonic() - self.started, 2),
-            "source": spec.source, "format": listing.format,
+            "source": self.source, "format": listing.format,
             "labels": listing.label_names, "multi_label": listing.multi_label,
             "image_size": spec.image_size, "channels": spec.channels,
             "channel_layout": "gray" if spec.channels == 1 else "rgb",
@@ -244,6 +260,9 @@ class _Version:
                                    "gray inputs repeated into R, G and B"),
             "images": len(t.seen), "new_images": len(t.seen) - t.reused,
             "reused_images": t.reused, "duplicates": t.duplicates,
+            # reused images the source now puts in another split / under another patient
+            "moved_images": previous.moved if previous else 0,
+            "rekeyed_images": previous.rekeyed if previous else 0,
             "errors": self.errors.count, "errors_by_type": dict(self.errors.by_type),
             "files": t.files, "bytes_read": t.bytes_read,
             "skipped_files": listing.skipped, "skipped_examples": listing.skipped_examples,
@@ -256,8 +275,16 @@ class _Version:
             "error_files": self.errors.files,
             "schema": SHARD_SCHEMA.to_string(show_schema_metadata=False),
             "deidentification": {
-                "dicom": "DICOM PS3.15 Basic Application Level Confidentiality Profile before "
-                         "anything is written; metadata keeps only non-identifying tags",
+                **remote.deid_options(spec).describe(),
+                "dicom": "every DICOM de-identified before anything is written (docs/deid.md); "
+                         "shard metadata keeps only non-identifying attributes",
+                "burned_in": ("staged (--allow-burned-in)" if spec.allow_burned_in else
+                              "refused: errors rows burned_in_annotation"),
+                "paths": "DICOM source paths replaced by keyed pseudonyms (dicom:<hash>); the "
+                         "linkage is private (medray datasets reveal)",
+                "linkage_entries": self.linkage.entries,
+                "originals": "DICOM de-identified; JPEG and PNG without metadata; other "
+                             "formats not kept",
                 "patient_key": "HMAC-SHA256 of the raw patient key with a secret salt",
                 "salt_id": content["salt_id"]},
             "content_options": content,
@@ -267,6 +294,10 @@ class _Version:
 
     def _tidy(self) -> None:
         """A failed job removes what it wrote (never visible anyway: no manifest)."""
+        try:
+            self.linkage.remove()
+        except OSError as exc:
+            log.warning("could not remove the linkage of a failed staging: %s", exc)
         base = layout.dataset_version(self.name, self.version)
         written = self.writer.paths() + self.errors.files
         for rel in [*written, layout.staging_marker(self.name, self.version)]:

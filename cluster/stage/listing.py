@@ -9,7 +9,8 @@ Folder layouts (``--format auto`` picks one):
   when every top-level folder is a split name; a flat folder stages with unknown labels.
 - dicom: the same tree rules, any file name (DICOM files often have none); auto-detected when
   most files end in .dcm/.dicom. Labels come from folders only in the plain label/file shape,
-  never from deeper trees (which are usually patient/study/series folders).
+  never from deeper trees (which are usually patient/study/series folders), nor from folders
+  named like patients (a ``^`` or three digits in a row: ``DOE^JANE_12345``).
 CSV manifests and .npz arrays have their own modules (``csv_source``, ``npz_source``).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -42,6 +44,7 @@ SIDECAR_EXT = frozenset({".txt", ".csv", ".tsv", ".json", ".md", ".rst", ".xml",
 SKIP_NAMES = frozenset({"dicomdir", "readme", "license", "licence", "notice", "changelog",
                         "thumbs.db", "desktop.ini"})
 LIST_THREADS = 8
+_PATIENT_LIKE = re.compile(r"\^|\d{3,}")  # DICOM folder names that are never class labels
 
 ITEM_SCHEMA = pa.schema([
     pa.field("kind", pa.string()),            # "file" | "array"
@@ -233,9 +236,12 @@ def folder_items(source: str, fmt: str = "auto",
     labelled = [len(p) > depth for p in parts_of]
     use_labels = any(labelled)
     if fmt == "dicom" and use_labels:
-        # patient/study/series trees are not label folders (and their names may be PHI)
+        # patient/study/series trees are not label folders (and their names may be PHI), nor
+        # are folders named like patients (a '^' of a person name, a record number's digits)
         use_labels = all(len(p) == depth + 1 for p, has in zip(parts_of, labelled, strict=True)
-                         if has)
+                         if has) and not any(_PATIENT_LIKE.search(p[depth - 1])
+                                             for p, has in zip(parts_of, labelled, strict=True)
+                                             if has)
     known = set(label_names or [])
     items = []
     for e, parts in zip(kept, parts_of, strict=True):

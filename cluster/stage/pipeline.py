@@ -7,6 +7,7 @@ first expanded into item rows by ``remote.read_npz_member`` tasks, one per array
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import cast
@@ -16,14 +17,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medray.cluster.stage.listing import Listing
-from medray.cluster.stage.npz_source import NPZ_CHUNK
-from medray.cluster.stage.remote import BatchDecoder, DecodeOptions, read_npz_member
+from medray.cluster.stage.npz_source import NPZ_CHUNK, read_npz_member
+from medray.cluster.stage.remote import BatchDecoder, DecodeOptions
+from medray.workers.shards import parse_max_errors
 from medray.workers.specs import StageSpec
 
 BLOCK_BYTES = 16 * 1024 * 1024
 # object store budget of a staging job's pipeline: a few blocks per decoder in flight
 STAGE_STORE_BYTES = 256 * 1024 * 1024
 UNKNOWN_ORIGINAL_BYTES = 1e6  # what a kept original is taken to weigh when no size is listed
+# Ray Data retries a dead task and restarts a dead actor without end by default: a poison
+# input would loop forever. Bounded here; each input that kills a decoder costs one restart
+# (the crash guard turns it into an errors row), so more than --max-errors of them fail anyway.
+MAX_DECODER_RESTARTS = 32
+NPZ_READ_RETRIES = 2  # a streaming inflate has bounded memory: a retry is for a lost node
+
+
+def retry_bounds(spec: StageSpec, inputs: int) -> dict[str, int]:
+    """Ray remote args that bound the decoder actors' restarts and their batches' retries."""
+    allowed = parse_max_errors(spec.max_errors, inputs)
+    bound = min(MAX_DECODER_RESTARTS, allowed + 1)
+    return {"max_restarts": bound, "max_task_retries": bound}
 
 
 def items_per_block(n_items: int, batch: int, workers: int, bytes_per_item: float) -> int:
@@ -39,6 +53,8 @@ def decoded_batches(listing: Listing, spec: StageSpec,
     """Decoded rows (``remote.OUT_SCHEMA``) of every listed input, streamed in listing order."""
     import ray
 
+    if isinstance(options.known, np.ndarray):  # one copy in the object store for every decoder
+        options = dataclasses.replace(options, known=ray.put(options.known))
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # first copy of a duplicate wins, every time
     # Decoded blocks wait in the object store until the shard writer takes them. A fixed budget
@@ -52,6 +68,7 @@ def decoded_batches(listing: Listing, spec: StageSpec,
         ds = ray.data.from_arrow(listing.items).map_batches(
             read_npz_member, batch_size=1, batch_format="pyarrow",
             compute=ray.data.TaskPoolStrategy(size=max(1, listing.items.num_rows)),
+            max_retries=NPZ_READ_RETRIES,
             num_cpus=0)  # streaming inflate: light next to decoding, must not take a decoder CPU
         batch, batches = NPZ_CHUNK, math.ceil(listing.inputs / NPZ_CHUNK)
     else:
@@ -67,11 +84,13 @@ def decoded_batches(listing: Listing, spec: StageSpec,
                                   for i in range(0, n, step)])
         batches = math.ceil(n / batch)
     workers = min(cpus, max(1, batches))
+    bounds = retry_bounds(spec, listing.inputs)
     decoded = ds.map_batches(
         BatchDecoder, fn_constructor_args=(spec, options), batch_size=batch,
         batch_format="pyarrow", num_cpus=1,
-        # Ray Data restarts a dead actor and retries its batch (max_restarts and
-        # max_task_retries -1): the crash guard then skips the input that killed it
+        # a restarted actor retries its batch; the crash guard then skips the input that
+        # killed it (an errors row); restarts and retries are bounded (retry_bounds)
+        max_restarts=bounds["max_restarts"], max_task_retries=bounds["max_task_retries"],
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers, initial_size=workers),
     ).iter_batches(batch_format="pyarrow", batch_size=None)
     return cast("Iterable[pa.Table]", decoded)  # batch_format="pyarrow": Arrow tables only

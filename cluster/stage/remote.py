@@ -1,19 +1,26 @@
-"""What Ray runs for the stage job in other processes: the batch decoder actors, the crash guard
-that keeps a poison input from killing them forever, and the tasks that stream .npz arrays.
+"""What Ray runs for the stage job in other processes: the batch decoder actors.
 
 ``BatchDecoder`` runs in a Ray Data actor pool: it reads the files of a batch concurrently (I/O
-overlaps), decodes them one by one and returns shard rows or error rows (``OUT_SCHEMA``).
-``read_npz_member`` tasks stream one .npz array each into item rows with the array row inline.
-Both are plain code: Ray Data applies the remote wrapping where the pipeline is built.
+overlaps), decodes them one by one and returns shard rows or error rows (``OUT_SCHEMA``); a
+crash guard (``crash``) keeps a poison input from killing it forever. The .npz reading tasks
+live with their source (``npz_source.read_npz_member``). Plain code: Ray Data applies the
+remote wrapping where the pipeline is built.
+
+DICOM inputs leave here de-identified (docs/deid.md): their path becomes a keyed pseudonym in
+every row (the raw path travels back to the driver in ``_raw_uri`` for the private linkage,
+never to the lake), a DICOM that may carry burned-in text is an errors row unless
+``--allow-burned-in``, and a kept original is the de-identified file. Kept JPEG and PNG
+originals lose their metadata (``workers.originals``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import posixpath
+import re
 import stat
-from collections.abc import Iterator
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,34 +28,51 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from medray.cluster.infra import faults, logs
+from medray.cluster.infra import logs
 from medray.cluster.infra.home import deid_salt
-from medray.cluster.stage.listing import ITEM_SCHEMA
-from medray.cluster.stage.npz_source import iter_npz_rows, local_npz
+from medray.cluster.stage.crash import CrashGuard
+from medray.cluster.stage.listing import DICOM_EXT
 from medray.cluster.store.lake import source_filesystem
-from medray.workers.deid import Deidentifier, deidentify_bytes
+from medray.workers.deid import Deidentifier, Options
+from medray.workers.dicom_io import deidentify_bytes, quiet_pydicom
 from medray.workers.errors import ConfigError, ImageError, InputError
-from medray.workers.imaging import array_to_pixels, decode_image
+from medray.workers.imaging import array_to_pixels, decode_image, sniff_format
+from medray.workers.originals import strip_metadata
+from medray.workers.pixels import max_input_bytes
 from medray.workers.shards import SHARD_SCHEMA, image_id, metadata_json, split_for
 from medray.workers.specs import StageSpec
 
 log = logging.getLogger(__name__)
 
 READ_THREADS = 8
-_BASE_FILE_BYTES = 16 * 1024 * 1024
-_BYTES_PER_PIXEL_BOUND = 6  # 3 samples x 16 bits: the largest common uncompressed pixel
+_QUOTED_PATH = re.compile(r"""(['"])[^'"]*/[^'"]*\1""")  # a quoted path in an OS error
 
 OUT_SCHEMA = (SHARD_SCHEMA
               .append(pa.field("_error_type", pa.string()))
               .append(pa.field("_error_message", pa.string()))
               .append(pa.field("_stage", pa.string()))
               .append(pa.field("_bytes", pa.int64()))
-              .append(pa.field("_known", pa.bool_())))
+              .append(pa.field("_known", pa.bool_()))
+              .append(pa.field("_keep_key", pa.bool_()))  # known: the previous key stands
+              .append(pa.field("_raw_uri", pa.string())))  # a pseudonymised row's path
 
 
 def max_file_bytes(max_pixels: int) -> int:
     """Largest input file read into memory: an uncompressed image at the pixel limit."""
-    return _BASE_FILE_BYTES + _BYTES_PER_PIXEL_BOUND * int(max_pixels)
+    return max_input_bytes(max_pixels)
+
+
+def source_label(source: str, fmt: str, salt: bytes | None = None) -> str:
+    """How the lake names a staging source: as given, but a DICOM source by its keyed
+    pseudonym (a DICOM folder is often named after its patient)."""
+    if fmt != "dicom":
+        return source
+    return Deidentifier(salt if salt is not None else deid_salt()).pseudonym(source)
+
+
+def deid_options(spec: StageSpec) -> Options:
+    """The de-identification options a stage spec asks for."""
+    return Options.from_flags(spec.retain, spec.clean)
 
 
 def salt_fingerprint(salt: bytes | None = None) -> str:
@@ -74,6 +98,7 @@ class DecodeOptions:
     salt_id: str | None = None    # the driver's salt fingerprint: a decoder with another refuses
     known: Any = None             # sorted "S32" digests of the previous version, or an ObjectRef
     crash_dir: str | None = None  # where the crash guard keeps its notes (None: no guard)
+    fmt: str = ""                 # the listing's format: "dicom" pseudonymises every path
 
 
 class BatchDecoder:
@@ -85,6 +110,7 @@ class BatchDecoder:
 
     def __init__(self, spec: StageSpec, options: DecodeOptions) -> None:
         logs.configure()
+        quiet_pydicom()  # its warnings quote DICOM values: never into the job's log
         self.spec = spec
         self.max_bytes = max_file_bytes(spec.max_pixels)
         self.label_names = list(options.label_names)
@@ -92,8 +118,10 @@ class BatchDecoder:
         salt = deid_salt()
         if options.salt_id and salt_fingerprint(salt) != options.salt_id:
             raise ConfigError("this node's de-identification salt differs from the driver's: "
-                              "set the same MEDRAY_DEID_SALT on every node of the cluster")
-        self.deid = Deidentifier(salt)
+                              "mount the same salt file (MEDRAY_DEID_SALT_FILE) on every node "
+                              "of the cluster (docs/deid.md)")
+        self.deid = Deidentifier(salt, deid_options(spec))
+        self.all_dicom = options.fmt == "dicom"
         known = options.known
         if known is not None and not isinstance(known, np.ndarray):
             import ray
@@ -161,6 +189,28 @@ class BatchDecoder:
 
     # -- one item -----------------------------------------------------------------------------
     def _one(self, item: dict[str, Any], data: bytes | tuple[str, str] | None) -> dict[str, Any]:
+        row = self._row_of(item, data)
+        if self._is_dicom(item, data, row):  # its path may name the patient: a pseudonym
+            shown = self.deid.pseudonym(item["uri"])
+            row["_raw_uri"], row["source_uri"] = item["uri"], shown
+            if row.get("_error_message"):
+                message = row["_error_message"].replace(item["uri"], shown)
+                row["_error_message"] = _QUOTED_PATH.sub("'<path>'", message)
+        return row
+
+    def _is_dicom(self, item: dict[str, Any], data: bytes | tuple[str, str] | None,
+                  row: dict[str, Any]) -> bool:
+        if self.all_dicom or row.get("format") == "dicom":
+            return True
+        if item["kind"] != "file":
+            return False
+        name = item["uri"].split("?", 1)[0].rsplit("/", 1)[-1].lower()
+        if posixpath.splitext(name)[1] in DICOM_EXT:
+            return True
+        return isinstance(data, bytes) and sniff_format(data) == "dicom"
+
+    def _row_of(self, item: dict[str, Any], data: bytes | tuple[str, str] | None
+                ) -> dict[str, Any]:
         if item.get("error_type"):
             return self._error(item, item["error_type"], item.get("error_message") or "", 0,
                                stage="list")
@@ -178,9 +228,12 @@ class BatchDecoder:
             raise
         except ImageError as exc:
             return self._error(item, exc.kind, exc.message, item.get("size") or 0)
-        except Exception as exc:  # noqa: BLE001 - one bad input must never stop the job
-            log.warning("unexpected %s on %s", type(exc).__name__, item["uri"])
-            return self._error(item, "invalid", f"{type(exc).__name__}: {exc}"[:300],
+        except Exception as exc:  # noqa: BLE001 - one input must never stop the job, but a
+            # bug in medray is not an input's fault: its own kind, logged with where it happened
+            # (frames only: the input and the message may name a path, which may name a patient)
+            log.error("internal error while staging an input: %s at\n%s", type(exc).__name__,
+                      "".join(traceback.format_tb(exc.__traceback__)))
+            return self._error(item, "internal_error", f"{type(exc).__name__}: {exc}"[:300],
                                item.get("size") or 0)
 
     def _is_known(self, digest: str) -> bool:
@@ -193,8 +246,12 @@ class BatchDecoder:
 
     def _file_row(self, item: dict[str, Any], data: bytes) -> dict[str, Any]:
         digest = image_id(data)
+        raw_key = item.get("patient_key") or f"id:{digest}"
         if self._is_known(digest):
-            return self._known_row(item, digest, len(data))
+            # a DICOM's patient comes from its header, which the same bytes repeat: keep it
+            dicom = sniff_format(data) == "dicom"
+            return self._known_row(item, digest, len(data), item.get("labels"),
+                                   None if dicom else raw_key)
         spec = self.spec
         self.crash.enter(item["uri"])
         try:
@@ -202,31 +259,40 @@ class BatchDecoder:
                                name=item["uri"], max_pixels=spec.max_pixels)
         except ImageError as exc:
             return self._error(item, exc.kind, exc.message, len(data), digest)
-        raw_key = item.get("patient_key") or f"id:{digest}"
+        if img.burned_in and not spec.allow_burned_in:
+            return self._error(item, "burned_in_annotation",
+                               f"the pixels may carry burned-in text: {img.burned_in}; pass "
+                               "--allow-burned-in to stage such images (docs/deid.md)",
+                               len(data), digest)
         if img.patient_ref and not raw_key.startswith("csv:"):
             raw_key = f"dicom:{img.patient_ref}"  # the raw ID is hashed below, never stored
         original = None
         if spec.keep_original:
-            # DICOM originals are stored de-identified (PS3.15 basic profile), never raw
+            # DICOM originals are stored de-identified, JPEG/PNG without metadata, never raw
             original = (deidentify_bytes(data, self.deid, max_pixels=spec.max_pixels)[0]
-                        if img.format == "dicom" else data)
+                        if img.format == "dicom" else strip_metadata(data, img.format))
+        metadata = dict(img.metadata)
+        if img.instance_ref:
+            metadata["sop_instance_uid"] = self.deid.remap_uid(img.instance_ref)
         row = self._row(item, digest, img.pixels, raw_key, len(data))
         return {**row, "orig_height": img.original_height, "orig_width": img.original_width,
-                "format": img.format, "metadata": metadata_json(img.metadata),
+                "format": img.format, "metadata": metadata_json(metadata),
                 "patient_key": self.deid.patient_key(raw_key), "original": original}
 
     def _array_row(self, item: dict[str, Any]) -> dict[str, Any]:
         shape = tuple(item["shape"])
-        arr = np.frombuffer(item["data"], dtype=np.dtype(item["dtype"])).reshape(shape)
         digest = image_id(item["data"] + str(shape).encode())
-        if self._is_known(digest):
-            return self._known_row(item, digest, len(item["data"]))
         labels = None
         if item.get("label_values") is not None:
             try:
                 labels = self._array_labels(item["label_values"])
             except (ValueError, IndexError) as exc:
                 return self._error(item, "bad_label", str(exc), len(item["data"]), digest)
+        if self._is_known(digest):  # known or not, its labels come from the label array
+            return self._known_row(item, digest, len(item["data"]), labels, f"id:{digest}",
+                                   hashed=False)
+        self.crash.enter(item["uri"])
+        arr = np.frombuffer(item["data"], dtype=np.dtype(item["dtype"])).reshape(shape)
         pixels = array_to_pixels(arr, size=self.spec.image_size, channels=self.spec.channels)
         row = self._row({**item, "labels": labels}, digest, pixels, f"id:{digest}",
                         len(item["data"]))
@@ -260,102 +326,27 @@ class BatchDecoder:
             "pixels": pixels.tobytes(), "_bytes": nbytes, "_known": False,
         }
 
-    def _known_row(self, item: dict[str, Any], digest: str, nbytes: int) -> dict[str, Any]:
-        return {"image_id": digest, "source_uri": item["uri"], "labels": item.get("labels"),
-                "split": "", "height": 0, "width": 0, "channels": 0, "pixels": b"",
-                "_bytes": nbytes, "_known": True}
+    def _known_row(self, item: dict[str, Any], digest: str, nbytes: int,
+                   labels: list[str] | None, raw_key: str | None,
+                   hashed: bool = True) -> dict[str, Any]:
+        """An image the previous version holds: not decoded again, but its labels, split and
+        patient key are worked out as for a new one, so a change in the source follows.
+
+        ``raw_key`` None: the key is in the image's own bytes (DICOM), so it is unchanged;
+        ``split`` "" then means the previous one. ``hashed`` False: the row keeps no key."""
+        spec = self.spec
+        split = item.get("split") or ""
+        key: str | None = None
+        if raw_key is not None:
+            split = raw_split(split or None, raw_key, spec.val_percent, spec.test_percent)
+            key = self.deid.patient_key(raw_key) if hashed else None
+        return {"image_id": digest, "source_uri": item["uri"], "labels": labels,
+                "split": split, "patient_key": key, "height": 0, "width": 0, "channels": 0,
+                "pixels": b"", "_bytes": nbytes, "_known": True,
+                "_keep_key": raw_key is None}
 
     def _error(self, item: dict[str, Any], kind: str, message: str, nbytes: int,
                digest: str | None = None, stage: str = "decode") -> dict[str, Any]:
         return {"source_uri": item["uri"], "image_id": digest or "", "split": "", "height": 0,
                 "width": 0, "channels": 0, "pixels": b"", "_error_type": kind,
                 "_error_message": message, "_stage": stage, "_bytes": nbytes, "_known": False}
-
-
-class CrashGuard:
-    """Turns an input that kills the decoding process (a decoder segfault, an OOM kill) into an
-    error row instead of an endless retry loop.
-
-    Before each decode the actor notes the input in a small per-actor file; Ray restarts a dead
-    actor under the same id and retries its batch, and the new incarnation finds the note and
-    skips that input. ``MEDRAY_FAULT=stage_crash_on:TEXT`` kills the process on inputs whose
-    URI contains TEXT (once), to test this.
-    """
-
-    def __init__(self, folder: str | None) -> None:
-        self.fd: int | None = None
-        self.bad: set[str] = set()
-        self.fault = faults.stage_crash_text()
-        if not folder:
-            return
-        try:
-            import ray
-
-            actor = ray.get_runtime_context().get_actor_id()
-        except Exception:  # noqa: BLE001 - outside Ray (unit tests): no guard needed
-            actor = None
-        if not actor:
-            return
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        path = os.path.join(folder, f"{actor}.current")
-        bad_list = os.path.join(folder, f"{actor}.bad")  # every poison seen, across restarts
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                note = fh.read()
-            size = int.from_bytes(note[:4], "little") if len(note) >= 4 else 0
-            last = note[4:4 + size].decode(errors="replace")
-            if last:
-                # the input is not named: source paths may carry identities (docs/staging.md)
-                log.warning("a previous worker died while decoding an input; skipping it")
-                with open(bad_list, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(last) + "\n")  # JSON: a name may hold a newline
-        if os.path.exists(bad_list):
-            with open(bad_list, encoding="utf-8") as fh:
-                self.bad = {json.loads(line) for line in fh if line.strip()}
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-
-    def poisoned(self, uri: str) -> bool:
-        return uri in self.bad
-
-    def enter(self, uri: str) -> None:
-        if self.fd is not None:  # one syscall per image: a length-prefixed note at offset 0
-            data = uri.encode()
-            os.pwrite(self.fd, len(data).to_bytes(4, "little") + data, 0)
-        if self.fault and self.fault in uri and self.fd is not None:
-            faults.die()  # fault injection: see the class docstring
-
-    def clear(self) -> None:
-        if self.fd is not None:
-            os.pwrite(self.fd, b"\0\0\0\0", 0)
-
-
-# ---------------------------------------------------------------------------- .npz members
-def read_npz_member(batch: pa.Table) -> Iterator[pa.Table]:
-    """Ray Data UDF: one member descriptor in, item tables of NPZ_CHUNK array rows out."""
-    logs.configure()
-    for member in batch.to_pylist():
-        with local_npz(member["uri"]) as local:
-            yield from _npz_member_tables(member, local)
-
-
-def _npz_member_tables(member: dict[str, Any], local: str) -> Iterator[pa.Table]:
-    labels: Iterator[tuple[int, np.ndarray]] | None = None
-    if member["labels_array"]:
-        labels = iter_npz_rows(local, member["labels_array"])
-    for start, rows in iter_npz_rows(local, member["array"]):
-        label_rows = next(labels)[1] if labels is not None else None  # same chunking
-        n = len(rows)
-        cols: dict[str, list[Any]] = {
-            "kind": ["array"] * n,
-            "uri": [f"{member['uri']}#{member['array']}/{start + i}" for i in range(n)],
-            "size": [rows[0].nbytes] * n,
-            "split": [member["split"]] * n,
-            "data": [np.ascontiguousarray(r).tobytes() for r in rows],
-            "shape": [list(rows.shape[1:])] * n,
-            "dtype": [rows.dtype.str] * n,
-            "label_values": ([None] * n if label_rows is None else
-                             [np.atleast_1d(v).astype(np.float64).tolist() for v in label_rows]),
-        }
-        for name in ITEM_SCHEMA.names:
-            cols.setdefault(name, [None] * n)
-        yield pa.Table.from_pydict(cols, schema=ITEM_SCHEMA)

@@ -4,8 +4,11 @@ A previous version is used only when it came from the same source with the same 
 options (``content_options``: what decides the bytes of a shard row). Its images are not
 decoded again (the decoders get their digests); its shards whose images are all still there,
 unchanged, are listed in the new manifest as they are (same paths); shards that lost images,
-whose images changed labels or paths, or that are small while rows are written anyway, are
-rewritten from their own rows.
+whose images changed labels, paths, splits or patient keys in the source, or that are small
+while rows are written anyway, are rewritten from their own rows. An image keeps nothing of
+its previous description but its pixels: when the source moved it (from ``train/`` to ``test/``,
+or to another patient in a CSV manifest), it moves in the new version, and the manifest counts
+the moves.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,8 @@ import pyarrow as pa
 from medray.cluster.stage.writer import ShardWriter
 from medray.cluster.store import catalog
 from medray.cluster.store.lake import Lake
+from medray.workers.deid import PROFILE_VERSION
+from medray.workers.imaging import DECODER_VERSION
 from medray.workers.shards import SHARD_SCHEMA
 from medray.workers.specs import StageSpec
 
@@ -28,16 +33,39 @@ log = logging.getLogger(__name__)
 SMALL_SHARD = 0.25  # of the target size: balanced shards are at least about half of it
 
 
+class Change(NamedTuple):
+    """How the source now describes an image of the previous version."""
+
+    labels: list[str] | None
+    source_uri: str
+    split: str
+    patient_key: str | None
+
+
 def content_options(spec: StageSpec, fmt: str, salt_id: str) -> dict[str, Any]:
-    """What decides the bytes of a shard row: a previous version is reused only when equal."""
+    """What decides the bytes of a shard row: a previous version is reused only when equal.
+
+    The de-identification profile's version and the decoder's are part of it: data staged
+    under an older profile or decoder is processed again, never carried over."""
     return {"format": fmt, "image_size": spec.image_size, "channels": spec.channels,
             "keep_original": spec.keep_original, "max_pixels": spec.max_pixels,
             "val_percent": spec.val_percent, "test_percent": spec.test_percent,
-            "salt_id": salt_id}
+            "salt_id": salt_id, "deid_profile": PROFILE_VERSION,
+            "decoder": DECODER_VERSION, "retain": sorted(spec.retain),
+            "clean": sorted(spec.clean), "allow_burned_in": spec.allow_burned_in}
 
 
 def _sig(labels: list[str] | None, uri: str) -> int:
     return hash((None if labels is None else tuple(labels), uri))
+
+
+class _Old(NamedTuple):
+    """One image of the previous version, kept small: labels and path as a hash."""
+
+    shard: int               # its shard's index in the previous manifest
+    sig: int                 # _sig(labels, source_uri)
+    split: str
+    key: str | None          # patient_key
 
 
 @dataclass
@@ -47,27 +75,37 @@ class Previous:
 
     version: int
     manifest: dict[str, Any]
-    rows: dict[bytes, tuple[int, int, str]]  # digest -> (shard index, labels+uri sig, split)
-    known: np.ndarray                        # sorted "S32" digests, shipped to the decoders
+    rows: dict[bytes, _Old]
+    known: np.ndarray        # sorted "S32" digests, shipped to the decoders
     present: Counter[int] = field(default_factory=Counter)
-    changed: dict[int, dict[str, tuple[list[str] | None, str]]] = field(
-        default_factory=lambda: defaultdict(dict))
+    changed: dict[int, dict[str, Change]] = field(default_factory=lambda: defaultdict(dict))
+    moved: int = 0           # images whose split the source changed
+    rekeyed: int = 0         # images whose patient key the source changed
 
     @property
     def shards(self) -> list[dict[str, Any]]:
         return list(self.manifest["shards"])
 
-    def take(self, image_id: str, labels: list[str] | None, uri: str) -> str | None:
-        """Note a known image as still in the source; its split (an image keeps its split
-        across versions), or None when this version does not hold it."""
+    def take(self, image_id: str, labels: list[str] | None, uri: str, split: str,
+             key: str | None, keep_key: bool = False) -> tuple[str, str | None] | None:
+        """Note a known image as still in the source, as the source now describes it; its
+        (split, patient key) in the new version, or None when this version does not hold it.
+
+        ``split`` "" and ``keep_key`` (a DICOM, whose patient is in its bytes) keep the
+        previous split and key; otherwise the source's split and key win, so an image the
+        source moved (from train/ to test/, to another patient) moves in the new version."""
         digest = bytes.fromhex(image_id)
-        if digest not in self.rows:
+        old = self.rows.get(digest)
+        if old is None:
             return None
-        index, sig, split = self.rows[digest]
-        self.present[index] += 1
-        if _sig(labels, uri) != sig:
-            self.changed[index][image_id] = (labels, uri)
-        return split
+        split = split or old.split
+        key = old.key if keep_key else key
+        self.present[old.shard] += 1
+        self.moved += split != old.split
+        self.rekeyed += key != old.key
+        if _sig(labels, uri) != old.sig or split != old.split or key != old.key:
+            self.changed[old.shard][image_id] = Change(labels, uri, split, key)
+        return split, key
 
     def small(self, shard_bytes: float) -> set[int]:
         """Shards under SMALL_SHARD of the target: merged into new shards when rows are written
@@ -75,14 +113,17 @@ class Previous:
         return {i for i, s in enumerate(self.shards) if s["bytes"] < SMALL_SHARD * shard_bytes}
 
 
-def load_previous(lake: Lake, spec: StageSpec, content: dict[str, Any]) -> Previous | None:
-    """The last committed version of the spec's dataset, when it can be reused."""
+def load_previous(lake: Lake, spec: StageSpec, content: dict[str, Any],
+                  source: str | None = None) -> Previous | None:
+    """The last committed version of the spec's dataset, when it came from ``source`` (how
+    the manifest names the spec's source: ``remote.source_label``) and can be reused."""
+    source = spec.source if source is None else source
     name = spec.dataset
     versions = catalog.committed_versions(lake, name)
     if not versions:
         return None
     manifest = catalog.manifest(lake, name, versions[-1])
-    if manifest.get("source") != spec.source:
+    if manifest.get("source") != source:
         log.info("%s:%d came from %s: staging everything anew", name, versions[-1],
                  manifest.get("source"))
         return None
@@ -90,13 +131,13 @@ def load_previous(lake: Lake, spec: StageSpec, content: dict[str, Any]) -> Previ
         log.info("%s:%d was staged with other options %s: staging everything anew", name,
                  versions[-1], manifest.get("content_options"))
         return None
-    rows: dict[bytes, tuple[int, int, str]] = {}
+    rows: dict[bytes, _Old] = {}
+    columns = ["image_id", "labels", "source_uri", "split", "patient_key"]
     for index, shard in enumerate(manifest["shards"]):
-        t = lake.read_parquet(shard["path"], columns=["image_id", "labels", "source_uri",
-                                                       "split"])
-        for iid, labels, uri, split in zip(*(t.column(i).to_pylist() for i in range(4)),
-                                           strict=True):
-            rows[bytes.fromhex(iid)] = (index, _sig(labels, uri), split)
+        t = lake.read_parquet(shard["path"], columns=columns)
+        for iid, labels, uri, split, key in zip(*(t.column(c).to_pylist() for c in columns),
+                                                strict=True):
+            rows[bytes.fromhex(iid)] = _Old(index, _sig(labels, uri), split, key)
     known = np.sort(np.array(list(rows), dtype="S32")) if rows else np.array([], dtype="S32")
     return Previous(versions[-1], manifest, rows, known)
 
@@ -116,7 +157,8 @@ def carry(previous: Previous, lake: Lake, writer: ShardWriter, seen: set[bytes],
     left = [float(shards[i].get("raw_bytes", 0)) for i in rewrite]
     for n, i in enumerate(rewrite):
         reason = ("lost images" if previous.present[i] < shards[i]["rows"] else
-                  "images with new labels or paths" if previous.changed.get(i) else "small")
+                  "images with new labels, paths, splits or patients"
+                  if previous.changed.get(i) else "small")
         log.info("rewriting shard %s of version %d: %s", shards[i]["path"], previous.version,
                  reason)
         writer.add(_surviving_rows(previous, lake, i, seen), sum(left[n + 1:]))
@@ -126,18 +168,15 @@ def carry(previous: Previous, lake: Lake, writer: ShardWriter, seen: set[bytes],
 def _surviving_rows(previous: Previous, lake: Lake, index: int, seen: set[bytes]) -> pa.Table:
     table = lake.read_parquet(previous.shards[index]["path"])
     ids = table.column("image_id").to_pylist()
-    mask = [previous.rows.get(bytes.fromhex(i), (-1,))[0] == index and
+    mask = [getattr(previous.rows.get(bytes.fromhex(i)), "shard", -1) == index and
             bytes.fromhex(i) in seen for i in ids]
     table = table.filter(pa.array(mask))
     changes = previous.changed.get(index) or {}
     if changes:
         ids = table.column("image_id").to_pylist()
-        labels = [changes[i][0] if i in changes else lab
-                  for i, lab in zip(ids, table.column("labels").to_pylist(), strict=True)]
-        uris = [changes[i][1] if i in changes else u
-                for i, u in zip(ids, table.column("source_uri").to_pylist(), strict=True)]
-        table = table.set_column(table.schema.get_field_index("labels"), "labels",
-                                 pa.array(labels, SHARD_SCHEMA.field("labels").type))
-        table = table.set_column(table.schema.get_field_index("source_uri"), "source_uri",
-                                 pa.array(uris, pa.string()))
+        for column, at in (("labels", 0), ("source_uri", 1), ("split", 2), ("patient_key", 3)):
+            values = [changes[i][at] if i in changes else v
+                      for i, v in zip(ids, table.column(column).to_pylist(), strict=True)]
+            table = table.set_column(table.schema.get_field_index(column), column,
+                                     pa.array(values, SHARD_SCHEMA.field(column).type))
     return table.cast(SHARD_SCHEMA)

@@ -19,10 +19,10 @@ def list_source(spec: StageSpec) -> Listing:
         detected = detect_format(spec.source)
         fmt = "auto" if detected == "folder" else detected  # folders: DICOM by their files
     if fmt == "npz":
-        return npz_source.npz_listing(spec.source, names)
+        return npz_source.npz_listing(spec.source, names, spec.max_pixels)
     if fmt == "csv":
         items = csv_source.csv_items(spec)
-        has_splits, skipped = False, []
+        has_splits, skipped = spec.split_column is not None, []
     else:
         tree = folder_items(spec.source, fmt, names)
         fmt, items, has_splits, skipped = tree.format, tree.items, tree.has_splits, tree.skipped

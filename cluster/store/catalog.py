@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from datetime import UTC, datetime
 from typing import Any
 
-from medray.cluster.store import layout
+from medray.cluster.store import atomic, layout
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import NotFoundError
 
@@ -18,9 +20,22 @@ def committed_versions(lake: Lake, name: str) -> list[int]:
 
 
 def next_version(lake: Lake, name: str) -> int:
-    """One past every version folder, committed or not, so an abandoned attempt is never reused."""
+    """One past every version folder, committed or not, so an abandoned attempt is never reused.
+
+    Not a claim: two stagings may both see the same number. Use :func:`claim_version`."""
     existing = _versions(lake, name)
     return (existing[-1] + 1) if existing else 1
+
+
+def claim_version(lake: Lake, name: str, owner: str | None = None) -> int:
+    """A version number of dataset ``name`` that no other staging can get: the first past
+    every version folder whose ``_CLAIM.json`` this call creates (create-if-absent: S3
+    ``If-None-Match: *``, a hard link on a local disk). Claim before writing anything under
+    the version; ``owner`` (the job id) is recorded in the claim."""
+    doc = {"dataset": name, "owner": owner or f"pid-{os.getpid()}",
+           "claimed_at": datetime.now(UTC).isoformat()}
+    return atomic.claim_next(lake, _versions(lake, name),
+                             lambda v: layout.dataset_claim(name, v), doc)
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:

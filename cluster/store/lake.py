@@ -1,8 +1,10 @@
 """The lake: one URI (a local path, ``file://...`` or ``s3://bucket/prefix``) behind one API.
 
-Writes are atomic per object: local files are written beside their target and renamed; an S3
+Writes are atomic per object: local files are written beside their target, fsynced, renamed,
+and their folder fsynced, so a rename that survived an OS crash names complete bytes; an S3
 PUT (single or multipart) becomes visible only when it completes. Commit points (manifests,
-model cards, run markers) are therefore single objects written last.
+model cards, run markers) are therefore single objects written last. Conditional writes
+(create-if-absent and friends, for leases and claims) are in ``atomic.py``.
 
 S3 endpoint and credentials come from, in order: ``AWS_ENDPOINT_URL`` and the standard AWS
 credential chain; else the embedded lake's config under ``MEDRAY_HOME`` (written by
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +38,7 @@ from medray.workers.errors import ConfigError, InfraError, NotFoundError, Perman
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+TMP_PREFIX = ".tmp-"  # how a local temporary's name starts (a reader skips such names)
 
 _PERMANENT = {
     "ACCESS_DENIED": "check that the credentials may read and write this bucket",
@@ -62,7 +66,7 @@ _TRANSIENT = (
 )
 
 
-def _retry_seconds() -> float:
+def retry_seconds() -> float:
     return float(env.get(env.STORAGE_RETRY_SECONDS, "60"))
 
 
@@ -80,7 +84,7 @@ def classify(exc: BaseException) -> str:
 
 def with_retries(op: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
     """Run one storage operation, retrying transient failures with jittered backoff."""
-    deadline = time.monotonic() + (_retry_seconds() if deadline_s is None else deadline_s)
+    deadline = time.monotonic() + (retry_seconds() if deadline_s is None else deadline_s)
     delay = 0.2
     attempt = 0
     while True:
@@ -168,7 +172,7 @@ def default_lake_uri() -> str:
 class Lake:
     """A lake root. Paths given to methods are relative to the root, with '/' separators."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, tmp_tag: str = "") -> None:
         if not uri:
             raise ConfigError("no lake given: pass --lake or set MEDRAY_LAKE")
         self.uri = uri.rstrip("/")
@@ -191,12 +195,24 @@ class Lake:
                 f"unsupported lake URI scheme {parsed.scheme!r} in {uri!r}: "
                 "use a local path, file://... or s3://bucket/prefix"
             )
+        self.tmp_tag = _safe_tag(tmp_tag)
 
     def __repr__(self) -> str:
         return f"Lake({self.uri!r})"
 
-    def __reduce__(self) -> tuple[type[Lake], tuple[str]]:  # rebuilt from the URI: no secrets
-        return (Lake, (self.uri,))
+    def __reduce__(self) -> tuple[type[Lake], tuple[str, str]]:  # the URI only: no secrets
+        return (Lake, (self.uri, self.tmp_tag))
+
+    def tagged(self, tag: str) -> Lake:
+        """The same lake, naming its local temporaries after ``tag`` (an attempt's job id), so
+        a clean-up can remove its own attempt's temporaries and no other's."""
+        return Lake(self.uri, tmp_tag=tag)
+
+    def tmp_prefix(self, tag: str | None = None) -> str:
+        """How a local temporary's name starts: ``.tmp-<tag>-`` (``.tmp-`` + a random part
+        follows when untagged)."""
+        tag = self.tmp_tag if tag is None else _safe_tag(tag)
+        return f"{TMP_PREFIX}{tag}-" if tag else TMP_PREFIX
 
     # paths -----------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -266,21 +282,23 @@ class Lake:
         parent = target.rsplit("/", 1)[0]
         if self.is_local:
             os.makedirs(parent, mode=0o700, exist_ok=True)
-            tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+            tmp = f"{parent}/{self.tmp_prefix()}{uuid.uuid4().hex[:12]}-{target.rsplit('/', 1)[1]}"
             try:
                 write(tmp)
                 os.chmod(tmp, 0o600)
+                fsync_path(tmp)  # the bytes are on disk before the name says they are there
                 os.replace(tmp, target)
+                fsync_path(parent)  # and the rename itself survives an OS crash
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            self._check_bucket(f"write {self.full_uri(rel)}")
+            self.check_bucket(f"write {self.full_uri(rel)}")
             with_retries(lambda: write(target), f"write {self.full_uri(rel)}")
 
     _buckets_seen: ClassVar[set[tuple[str, str]]] = set()
 
-    def _check_bucket(self, what: str) -> None:
+    def check_bucket(self, what: str) -> None:
         """Refuse to write into a bucket that does not exist. Some S3 servers (SeaweedFS)
         create a bucket on the first PUT, so a typo in the lake URI would quietly start a new
         lake. Checked once per process and bucket; a HEAD the credentials may not make
@@ -310,7 +328,7 @@ class Lake:
         self._atomic(rel, write)
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        self.write_bytes(rel, json_bytes(obj))
 
     def write_parquet(self, rel: str, table: pa.Table, compression: str = "zstd") -> int:
         """Write one Parquet object atomically; returns its size in bytes."""
@@ -330,6 +348,25 @@ class Lake:
         info = self.fs.get_file_info(self.path(rel))
         if info.type == pafs.FileType.Directory:
             with_retries(lambda: self.fs.delete_dir(self.path(rel)), f"delete {rel}")
+
+
+def _safe_tag(tag: str) -> str:
+    """A job id as a file-name part: anything but [A-Za-z0-9_-] becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", tag)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How the lake stores a JSON document (sorted keys, indented)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def source_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -6,8 +6,10 @@ All paths are relative to the lake root, with '/' separators::
     datasets/<name>/<version>/shards/<part>.parquet     images (pixels, labels, split, ...)
     datasets/<name>/<version>/errors/<part>.parquet     inputs that could not be staged
     datasets/<name>/<version>/_staging.json             a staging job at work (gone at commit)
+    datasets/<name>/<version>/_CLAIM.json               who claimed the version number (first)
     models/<name>/<version>/model.keras                 weights, published with the card
     models/<name>/<version>/card.json                   the model card: commit point of a version
+    models/<name>/<version>/_CLAIM.json                 who claimed the version number (first)
     models/<name>/aliases.json                          alias -> version (e.g. prod -> 3)
     models/<name>/_training/latest.json                 the training --resume alone continues
     models/<name>/_training/<train id>/spec.json        the spec a training started with
@@ -22,6 +24,7 @@ All paths are relative to the lake root, with '/' separators::
     features/<key>/<dataset>/<version>/<part>.json      commit point of one feature file
     features/<key>/_key.json, _events/<job_id>.json     what the key covers; who computed what
     runs/<run_id>/run.json                              what a run scores, frozen at first start
+    runs/<run_id>/_LEASE.json                           which job may write the run, heartbeat
     runs/<run_id>/actors/<actor>.json                   where each scorer actor ran
     runs/<run_id>/predictions/[date=D/]<shard>.parquet  one per input shard
     runs/<run_id>/errors/[date=D/]<shard>.parquet       images that could not be scored
@@ -33,6 +36,7 @@ All paths are relative to the lake root, with '/' separators::
     indexes/scored/<model>/<version>/<dataset>/<run_id>.parquet   ids a committed run scored
     indexes/scored/<model>/<version>/<dataset>/_inflight/<run_id>.json   --only-new, uncommitted
     jobs/<job_id>.json                                  job history (status, who, refs, log tail)
+    _doctor/<token>.probe                               `medray doctor`'s write probe (deleted)
 
 A reader sees a dataset version, model version or run only after its commit point exists.
 """
@@ -50,6 +54,8 @@ CARD = "card.json"
 MODEL_FILE = "model.keras"
 RUN_COMMIT = "_COMMITTED.json"
 RUN_DOC = "run.json"
+CLAIM = "_CLAIM.json"
+LEASE = "_LEASE.json"
 
 
 # datasets ---------------------------------------------------------------------------------------
@@ -75,6 +81,12 @@ def dataset_errors_dir(name: str, version: int) -> str:
 
 def dataset_error_file(name: str, version: int, part: str) -> str:
     return f"{dataset_version(name, version)}/errors/{part}"
+
+
+def dataset_claim(name: str, version: int) -> str:
+    """Created only if absent before anything is written under the version: the claim that
+    makes the version number this staging's alone."""
+    return f"{dataset_version(name, version)}/{CLAIM}"
 
 
 def staging_marker(name: str, version: int) -> str:
@@ -103,6 +115,11 @@ def model_file(name: str, version: int) -> str:
 
 def model_card(name: str, version: int) -> str:
     return f"{model_version(name, version)}/{CARD}"
+
+
+def model_claim(name: str, version: int) -> str:
+    """Created only if absent before the weights and card: the version is this registration's."""
+    return f"{model_version(name, version)}/{CLAIM}"
 
 
 def model_aliases(name: str) -> str:
@@ -228,6 +245,11 @@ def run_doc(run_id: str) -> str:
     return f"{run_root(run_id)}/{RUN_DOC}"
 
 
+def run_lease(run_id: str) -> str:
+    """The one job allowed to write the run: owner, heartbeat, the attempts it replaced."""
+    return f"{run_root(run_id)}/{LEASE}"
+
+
 def run_actors_dir(run_id: str) -> str:
     return f"{run_root(run_id)}/actors"
 
@@ -321,3 +343,12 @@ def scored_index(model: str, version: int, dataset: str, run_id: str) -> str:
 # jobs -------------------------------------------------------------------------------------------
 def job_record(job_id: str) -> str:
     return f"{JOBS}/{job_id}.json"
+
+
+# doctor -----------------------------------------------------------------------------------------
+DOCTOR = "_doctor"
+
+
+def doctor_probe(token: str) -> str:
+    """The object ``medray doctor`` writes, reads back and deletes to prove the lake writable."""
+    return f"{DOCTOR}/{token}.probe"

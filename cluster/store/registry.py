@@ -1,7 +1,9 @@
-"""Model versions in the lake: ``models/<name>/<version>/{model.keras,card.json}``.
+"""Model versions in the lake: ``models/<name>/<version>/{_CLAIM.json,model.keras,card.json}``.
 
-The card is written last and is the commit point. Aliases (``prod``) live in
-``models/<name>/aliases.json``.
+A registration first claims its version number by creating ``_CLAIM.json`` only if absent
+(``atomic.claim_next``: S3 ``If-None-Match: *``, a hard link on a local disk), so concurrent
+registrations of one name get distinct versions; it then writes the weights and, last, the
+card, which is the commit point. Aliases (``prod``) live in ``models/<name>/aliases.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medray.cluster.store import layout
+from medray.cluster.store import atomic, layout
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError, NotFoundError
 from medray.workers.models import ModelCard
@@ -28,13 +30,24 @@ def versions(lake: Lake, name: str) -> list[int]:
     return sorted(v for v in found if lake.exists(layout.model_card(name, v)))
 
 
-def register(lake: Lake, model_file: str, card: ModelCard) -> ModelCard:
-    """Upload a .keras file and its card as the next version of ``card.name``."""
-    all_dirs = [int(v) for v in lake.list_dirs(layout.model_root(card.name)) if v.isdigit()]
-    version = (max(all_dirs) + 1) if all_dirs else 1
+def claim_version(lake: Lake, name: str, owner: str | None = None) -> int:
+    """A version number of model ``name`` that no other registration can get: one past every
+    version folder (committed or not, so an abandoned attempt is never reused), claimed with
+    a create-if-absent ``_CLAIM.json``; on a lost race, the next number."""
+    existing = [int(v) for v in lake.list_dirs(layout.model_root(name)) if v.isdigit()]
+    doc = {"model": name, "owner": owner or f"pid-{os.getpid()}",
+           "claimed_at": datetime.now(UTC).isoformat()}
+    return atomic.claim_next(lake, existing, lambda v: layout.model_claim(name, v), doc)
+
+
+def register(lake: Lake, model_file: str, card: ModelCard, owner: str | None = None) -> ModelCard:
+    """Upload a .keras file and its card as a new version of ``card.name``: the version is
+    claimed first, the weights written under the claim, the card (the commit point) last."""
+    data = Path(model_file).read_bytes()  # read before claiming: a missing file claims nothing
+    version = claim_version(lake, card.name, owner)
     card.version = version
     card.created_at = card.created_at or datetime.now(UTC).isoformat()
-    lake.write_bytes(layout.model_file(card.name, version), Path(model_file).read_bytes())
+    lake.write_bytes(layout.model_file(card.name, version), data)
     lake.write_bytes(layout.model_card(card.name, version), card.to_json().encode())
     return card
 

@@ -45,6 +45,15 @@ def read_predictions(lake: Lake, run_id: str, columns: list[str] | None = None) 
     return pa.concat_tables(tables, promote_options="default")
 
 
+def committed_files(lake: Lake, run_id: str) -> dict[str, list[str]]:
+    """The full URIs of a committed run's prediction and error files, from its marker: what
+    DuckDB, Spark or pandas should read (a glob of the folder would also read files of
+    uncommitted or abandoned attempts)."""
+    marker = read_commit(lake, run_id)
+    return {key: [lake.full_uri(layout.run_file(run_id, f)) for f in marker[key]]
+            for key in ("files", "error_files")}
+
+
 def read_errors(lake: Lake, run_id: str) -> pa.Table:
     marker = read_commit(lake, run_id)
     tables = [lake.read_parquet(layout.run_file(run_id, f)) for f in marker["error_files"]]
@@ -73,21 +82,28 @@ def scored_ids(lake: Lake, model: str, version: int, dataset: str,
 
 
 # ------------------------------------------------------------------ usage and cost per run
-def record_usage(lake: Lake, run_id: str, job_id: str, result: dict[str, Any]) -> None:
-    """Keep a score job's usage and cost beside its run (a resumed run has several jobs)."""
+def record_usage(lake: Lake, run_id: str, job_id: str, result: dict[str, Any],
+                 status: str = "SUCCEEDED") -> None:
+    """Keep a score job's usage and cost beside its run (a resumed run has several jobs).
+
+    A job writes it as it runs (``RUNNING``, every half minute) and when it ends, however it
+    ends (``SUCCEEDED``, ``FAILED``, ``STOPPED``); a job killed outright leaves its last
+    ``RUNNING`` record, so every attempt's cost is counted."""
     lake.write_json(
         layout.run_usage(run_id, job_id),
-        {"job_id": job_id, "usage": result.get("usage"), "cost": result.get("cost"),
-         "images": result.get("images")},
+        {"job_id": job_id, "status": status, "usage": result.get("usage"),
+         "cost": result.get("cost"), "images": result.get("images"),
+         "recorded_at": datetime.now(UTC).isoformat()},
     )
 
 
 def run_cost(lake: Lake, run_id: str, images: int | None) -> dict[str, Any]:
-    """What scoring a run used and cost, summed over every job that worked on it.
+    """What scoring a run used and cost, summed over every job that worked on it, whether it
+    succeeded, failed, was stopped or was killed.
 
     ``cost_per_1000_images`` divides the total by the run's committed images."""
     docs = [lake.read_json(rel) for rel in lake.list_files(layout.run_usage_dir(run_id))
-            if rel.endswith(".json")]
+            if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
     out: dict[str, Any] = {
         "score_jobs": len(docs),
         "cpu_seconds": round(sum((d.get("usage") or {}).get("cpu_seconds", 0.0) for d in docs), 3),

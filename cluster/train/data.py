@@ -9,7 +9,7 @@ shard on the driver, before anything starts, so batch sizes and class weights ar
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,10 +29,12 @@ Reader = Callable[..., Iterator[Batch]]
 
 @dataclass(frozen=True)
 class RowCounts:
-    """Labelled images per split and, in the train split, positives per label."""
+    """Labelled images per split and positives per label: in the train split (``positives``)
+    and in every split (``by_split``, for the model card)."""
 
     splits: dict[str, int]
     positives: dict[str, int]
+    by_split: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def train(self) -> int:
@@ -47,20 +49,19 @@ class RowCounts:
 def count_rows(lake: Lake, manifest: dict[str, Any], labels: list[str]) -> RowCounts:
     """Count labelled rows per split and positives per label in train (reads two columns)."""
     per_split: dict[str, int] = {}
-    positives = dict.fromkeys(labels, 0)
+    by_split: dict[str, dict[str, int]] = {}
     for shard in manifest["shards"]:
         table = lake.read_parquet(shard["path"], columns=["split", "labels"])
         table = table.filter(pc.is_valid(table.column("labels")))
-        counts = pc.value_counts(table.column("split"))
-        for split, n in zip(counts.field("values").to_pylist(),
-                            counts.field("counts").to_pylist(), strict=True):
-            per_split[split] = per_split.get(split, 0) + n
-        train = table.filter(pc.equal(table.column("split"), "train")).column("labels")
-        for names in train.to_pylist():
+        for split, names in zip(table.column("split").to_pylist(),
+                                table.column("labels").to_pylist(), strict=True):
+            per_split[split] = per_split.get(split, 0) + 1
+            counts = by_split.setdefault(split, dict.fromkeys(labels, 0))
             for name in names or ():
-                if name in positives:
-                    positives[name] += 1
-    return RowCounts(per_split, positives)
+                if name in counts:
+                    counts[name] += 1
+    return RowCounts(per_split, dict(by_split.get("train", dict.fromkeys(labels, 0))),
+                     by_split)
 
 
 def labelled(table: pa.Table, split: str) -> pa.Table:
@@ -82,21 +83,34 @@ def pixels(part: pa.Table) -> np.ndarray:
     return np.frombuffer(blob, np.uint8).reshape(part.num_rows, h, w, c)
 
 
+def units(part: pa.Table) -> np.ndarray:
+    """Bootstrap unit per row: its patient key where staging knew one, else its image id."""
+    ids = part.column("image_id").to_pylist()
+    keys = part.column("patient_key").to_pylist() if "patient_key" in part.column_names \
+        else [None] * len(ids)
+    return np.array([f"patient:{k}" if k else f"image:{i}" for k, i in zip(keys, ids,
+                                                                         strict=True)],
+                    dtype=object)
+
+
 def read_images(batch: dict[str, Any], lake_uri: str, split: str, labels: list[str],
-                multi_label: bool, rows: int = 256) -> Iterator[Batch]:
-    """Ray Data UDF: shard paths -> {"x": uint8 (n,H,W,C), "y": float32 (n,L)} of one split."""
+                multi_label: bool, rows: int = 256, keys: bool = False) -> Iterator[Batch]:
+    """Ray Data UDF: shard paths -> {"x": uint8 (n,H,W,C), "y": float32 (n,L)} of one split;
+    ``keys`` adds "g", each row's patient (for validation intervals)."""
     lake = Lake(lake_uri)
+    columns = COLUMNS + (["image_id", "patient_key"] if keys else [])
     for path in batch["path"]:
-        table = labelled(lake.read_parquet(str(path), columns=COLUMNS), split)
+        table = labelled(lake.read_parquet(str(path), columns=columns), split)
         for start in range(0, table.num_rows, rows):
             part = table.slice(start, rows)
             y = labels_to_targets(part.column("labels").to_pylist(), labels, multi_label)
-            yield {"x": pixels(part), "y": y}
+            yield {"x": pixels(part), "y": y, **({"g": units(part)} if keys else {})}
 
 
 def read_features(batch: dict[str, Any], lake_uri: str, split: str, labels: list[str],
-                  multi_label: bool, rows: int = 1024) -> Iterator[Batch]:
-    """Ray Data UDF: cached feature files -> {"x": float32 (n,D), "y": float32 (n,L)}."""
+                  multi_label: bool, rows: int = 1024, keys: bool = False) -> Iterator[Batch]:
+    """Ray Data UDF: cached feature files -> {"x": float32 (n,D), "y": float32 (n,L)};
+    ``keys`` adds "g" (image ids: feature files carry no patient key)."""
     lake = Lake(lake_uri)
     for path in batch["path"]:
         table = labelled(lake.read_parquet(str(path)), split)
@@ -105,17 +119,18 @@ def read_features(batch: dict[str, Any], lake_uri: str, split: str, labels: list
             col = part.column("features").combine_chunks()
             x = col.flatten().to_numpy(zero_copy_only=False).reshape(part.num_rows, -1)
             y = labels_to_targets(part.column("labels").to_pylist(), labels, multi_label)
-            yield {"x": x.astype(np.float32, copy=False), "y": y}
+            yield {"x": x.astype(np.float32, copy=False), "y": y,
+                   **({"g": units(part)} if keys else {})}
 
 
 def dataset(paths: list[str], reader: Reader, lake: Lake, split: str, labels: list[str],
-            multi_label: bool) -> Any:
+            multi_label: bool, keys: bool = False) -> Any:
     """A Ray Data pipeline of one split: one block per file, a few light reader tasks."""
     import ray
 
     return ray.data.from_items([{"path": p} for p in paths],
                                override_num_blocks=len(paths)).map_batches(
         reader, fn_kwargs={"lake_uri": lake.uri, "split": split, "labels": labels,
-                           "multi_label": multi_label},
+                           "multi_label": multi_label, "keys": keys},
         batch_size=1, batch_format="numpy", num_cpus=READER_CPUS,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(MAX_READERS, len(paths)))))

@@ -4,9 +4,11 @@ The driver resolves everything the workers need into one frozen ``TrainPlan`` (t
 id, the dataset, class weights, initial weights, the head-mode feature cache), checks the
 cluster's resources, and runs ``TensorflowTrainer`` (``MultiWorkerMirroredStrategy``) with the
 loop in ``remote.py``. Each worker streams its equal share of the train split; rank 0 also reads
-the validation split, materialised once. The best epoch (mean validation AUROC), with
-thresholds chosen on validation, becomes the next version of the model. A training that
-already registered its model returns that version and registers nothing new.
+the validation split, materialised once. The best epoch (mean validation AUROC) becomes the
+next version of the model, with its card: temperature scaling and operating points fitted on
+validation, validation metrics with patient-level intervals, the training data's counts, the
+intended use and the limitations (``workers/model_card.py``). A training that already
+registered its model returns that version and registers nothing new.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from medray.cluster.train import checkpoints, data, precheck
 from medray.cluster.train.features import FeatureCache, ensure_features
 from medray.cluster.train.plan import PLAN, DatasetFacts, TrainPlan
 from medray.cluster.train.weights import resolve_weights
+from medray.workers import model_card
 from medray.workers import training as tr
 from medray.workers.errors import ConfigError, InputError, MedrayError
 from medray.workers.models import ModelCard
@@ -55,6 +58,7 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     if rows.val_split == "test":
         log.warning("no labelled val split: validating (and choosing thresholds) on test")
     plan = _plan(lake, spec, ctx, facts, train_id, rows)
+    card_text = precheck.card_file(spec)
     _check_resources(spec)
     shards = [s["path"] for s in manifest["shards"]]
     features: FeatureCache | None = None
@@ -65,7 +69,16 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     final = lake.read_json_or_none(layout.training_result(spec.model, train_id))
     if final is None:
         raise InputError("training ended without a final model (see the worker logs)")
-    return _register(lake, plan, final, features, changed, started)
+    return _register(lake, plan, final, features, changed, started,
+                     _training_data(facts, rows), card_text)
+
+
+def _training_data(facts: DatasetFacts, rows: data.RowCounts) -> dict[str, Any]:
+    """The card's training data: the dataset version and its labelled images by split and
+    label."""
+    return {"dataset": facts.name, "version": facts.version,
+            "splits": {split: {"images": n, "labels": rows.by_split.get(split, {})}
+                       for split, n in sorted(rows.splits.items())}}
 
 
 def _record_spec(lake: Lake, spec: TrainSpec, facts: DatasetFacts, train_id: str,
@@ -136,7 +149,7 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     labels = list(facts.labels)
     train_ds = data.dataset(files, reader, lake, "train", labels, facts.multi_label)
     val_ds = data.dataset(files, reader, lake, plan.val_split, labels,
-                          facts.multi_label).materialize()
+                          facts.multi_label, keys=True).materialize()
     gpus = spec.gpus_per_worker
     trainer = TensorflowTrainer(
         train_loop,
@@ -175,7 +188,8 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
-              features: FeatureCache | None, changed: list[str], started: float) -> dict[str, Any]:
+              features: FeatureCache | None, changed: list[str], started: float,
+              training_data: dict[str, Any], card_text: dict[str, Any]) -> dict[str, Any]:
     """Register the final model as the next version, with its card; the job's result."""
     spec, facts, state = plan.spec, plan.data, final["state"]
     best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]),
@@ -208,7 +222,25 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
                   "feature_cache": features.summary() if features else None,
                   "tensorboard": lake.full_uri(layout.training_board(spec.model, plan.train_id)),
                   "job_seconds": round(time.monotonic() - started, 1)},
+        intended_use=model_card.intended_use(spec.intended_use, spec.out_of_scope, card_text),
+        training_data=training_data, validation=final.get("validation") or {},
+        calibration=final.get("calibration") or {},
+        operating_points=final.get("operating_points") or [],
     )
+    card.limitations = model_card.limitations(card, card_text.get("limitations"))
+    if card_text.get("ethical_considerations"):
+        card.ethical_considerations = [*card_text["ethical_considerations"],
+                                       *card.ethical_considerations]
+    cal = card.calibration
+    if cal:
+        log.info("calibration on %s: temperature %s; validation ECE %s before, %s after",
+                 cal["fitted_on"], _rounded(cal["temperature"]), _rounded(cal["ece_before"]),
+                 _rounded(cal["ece_after"]))
+    for point in card.operating_points:
+        log.info("operating point %s %s: threshold %.4g (%s sensitivity %s, specificity %s)",
+                 point["label"], point["rule"], point["threshold"], point["chosen_on"],
+                 _rounded(point.get(f"{point['chosen_on']}_sensitivity")),
+                 _rounded(point.get(f"{point['chosen_on']}_specificity")))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / layout.MODEL_FILE
         path.write_bytes(lake.read_bytes(layout.training_model(spec.model, plan.train_id)))
@@ -221,9 +253,23 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
               "metrics": {"val_mean_auroc": best.get("val_mean_auroc"),
                           "val_auroc": best.get("val_auroc"), "best_epoch": state["best_epoch"],
                           "epochs_run": state["epoch"]},
+              "calibration": {k: cal.get(k) for k in ("temperature", "ece_before",
+                                                       "ece_after")} if cal else None,
+              "val_ece_before": model_card.mean_value(cal.get("ece_before")) if cal else None,
+              "val_ece_after": model_card.mean_value(cal.get("ece_after")) if cal else None,
+              "thresholds": card.thresholds,
+              "operating_points": [{k: p[k] for k in ("label", "rule", "threshold", "primary")}
+                                   for p in card.operating_points],
               "features": card.training.get("feature_cache")}
     lake.write_json(layout.training_registered(spec.model, plan.train_id), result)
     return result
+
+
+def _rounded(value: Any) -> Any:
+    """Numbers (alone or as dict values) at 4 significant digits, for log lines."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def _code_version() -> str:

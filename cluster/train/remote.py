@@ -3,8 +3,11 @@
 Every worker builds the same model under ``MultiWorkerMirroredStrategy``, restores the last
 checkpoint if there is one and runs exactly ``plan.steps`` steps per epoch on its share of the
 train split. Rank 0 alone validates, checkpoints, writes TensorBoard events and decides whether
-to go on; the decision is broadcast, so every worker stops at the same epoch. At the end rank 0
-writes the best epoch's full model and the thresholds chosen on validation to ``final/``.
+to go on; the decision is broadcast, so every worker stops at the same epoch. Before it
+validates, rank 0 re-estimates BatchNorm's inference statistics on its last training images of
+the epoch (``training.precise_batchnorm``), so validation, checkpoints and the registered model
+see the network that was trained, not moving averages that lag it. At the end rank 0 writes the
+best epoch's full model and the thresholds chosen on validation to ``final/``.
 Progress lines go to the worker's stdout, which Ray streams into the job log and the CLI.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from medray.cluster.train import checkpoints
 from medray.cluster.train.plan import PLAN, TrainPlan
 from medray.cluster.train.weights import initial_model
 from medray.workers import training as tr
+from medray.workers.jsonsafe import json_safe
 
 log = logging.getLogger(__name__)
 PROGRESS_LINES = 4  # progress lines per epoch, besides the epoch line
@@ -78,9 +83,11 @@ def train_loop(config: dict[str, Any]) -> None:
     mine: dict[str, Any] = {}
     epoch = int(state["epoch"])
     stop = tr.finished(state, plan.spec.epochs)  # every rank read the same checkpoint
+    # rank 0 keeps its last training images of each epoch for the BatchNorm statistics
+    keep = tr.BN_IMAGES if rank == 0 and tr.batchnorm_layers(model) else 0
     while not stop:
         epoch += 1
-        done = _train_epoch(shard, train_step, batching, epoch, plan, rank == 0)
+        done = _train_epoch(shard, train_step, batching, epoch, plan, rank == 0, keep)
         mine[str(epoch)] = {"steps": done["steps"], "batches": done["batches"],
                             "images": done["steps"] * batching.local_batch}
         decision: dict[str, Any] | None = None
@@ -128,11 +135,14 @@ def _build_trainable(lake: Lake, plan: TrainPlan) -> tuple[Any, str]:
 
 
 def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int, plan: TrainPlan,
-                 chief: bool) -> dict[str, Any]:
-    """One pass over this worker's share: exactly ``batching.steps`` steps (see BatchPlan)."""
+                 chief: bool, keep: int = 0) -> dict[str, Any]:
+    """One pass over this worker's share: exactly ``batching.steps`` steps (see BatchPlan).
+    ``recent`` holds the last ``keep`` images it trained on (whole batches)."""
     t0 = last = time.monotonic()
     steps = seen = 0
     losses: list[float] = []
+    recent: deque[np.ndarray] = deque()
+    kept = 0
     every = max(1, -(-batching.steps // PROGRESS_LINES))
     for batch in shard.iter_batches(batch_size=batching.local_batch, batch_format="numpy",
                                     drop_last=True,
@@ -143,6 +153,11 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
             continue  # never step past what every worker can do
         losses.append(float(train_step(batch["x"], batch["y"])))
         steps += 1
+        if keep:
+            recent.append(batch["x"])
+            kept += len(batch["x"])
+            while kept - len(recent[0]) >= keep:
+                kept -= len(recent.popleft())
         now = time.monotonic()
         due = steps % every == 0 or now - last > PROGRESS_EVERY_S
         if chief and due and steps < batching.steps:  # the last step has the epoch line
@@ -151,7 +166,7 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
                                             float(np.mean(losses[-every:]))))
             last = now
     return {"steps": steps, "batches": seen, "seconds": time.monotonic() - t0,
-            "loss": float(np.mean(losses)) if losses else float("nan")}
+            "loss": float(np.mean(losses)) if losses else float("nan"), "recent": list(recent)}
 
 
 def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_fn: Any,
@@ -162,7 +177,10 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
         "epoch": done["epoch"], "loss": done["loss"], "images": done["images"],
         "images_per_s": done["images"] / seconds if seconds else 0.0,
         "seconds": round(seconds, 3), "steps": done["steps"], "job_id": plan.job_id}
-    y, scores = _validate(model, plan)
+    recent = done.pop("recent", [])
+    if tr.precise_batchnorm(model, recent):
+        record["bn_images"] = sum(len(x) for x in recent)  # what the statistics came from
+    y, scores, _ = _validate(model, plan)
     ev = tr.evaluate(y, scores, plan.data.labels)
     record.update(val_loss=tr.mean_loss(loss_fn, y, scores), val_mean_auroc=ev["mean_auroc"],
                   val_auroc=ev["auroc"])
@@ -183,28 +201,36 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
     return {"stop": tr.finished(state, plan.spec.epochs), "epoch": done["epoch"]}
 
 
-def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray]:
-    """(targets, scores) over the whole validation split; rank 0 only."""
+def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, scores, each row's bootstrap unit) over the whole validation split; rank 0
+    only."""
     import ray.train
 
-    ys, scores = [], []
+    ys, scores, units = [], [], []
     for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256,
                                                                    batch_format="numpy"):
         ys.append(batch["y"])
         scores.append(tr.predict(model, [batch["x"]]))
+        units.append(batch["g"])
     n_labels = len(plan.data.labels)
     if not ys:
-        return np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32)
-    return np.concatenate(ys), np.concatenate(scores)
+        return (np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32),
+                np.zeros(0, object))
+    return np.concatenate(ys), np.concatenate(scores), np.concatenate(units)
 
 
 def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any]) -> None:
-    """Best weights -> thresholds on validation -> the full .keras model + result in final/."""
+    """Best weights -> calibration, operating points and metrics with intervals on validation
+    -> the full .keras model + result in final/."""
+    from medray.workers import validation
     from medray.workers.models import set_head
+    from medray.workers.operating_points import parse
 
     checkpoints.load_best(lake, plan, model)
-    y, scores = _validate(model, plan)
-    thresholds = tr.choose_thresholds(y, scores, plan.data.labels)
+    y, scores, units = _validate(model, plan)
+    found = validation.summarise(y, scores, units, plan.data.labels, plan.data.multi_label,
+                                 plan.val_split, parse(plan.spec.operating_point),
+                                 calibrate=plan.spec.calibrate)
     full = model
     if plan.cached:  # the head was trained alone: put it on the backbone it was fed by
         full, _ = initial_model(lake, plan.init, plan.shape)
@@ -215,7 +241,7 @@ def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any]) ->
         lake.write_bytes(layout.training_model(plan.spec.model, plan.train_id),
                          path.read_bytes())
     lake.write_json(layout.training_result(plan.spec.model, plan.train_id),
-                    {"thresholds": thresholds, "state": state, "job_id": plan.job_id})
+                    json_safe({**found, "state": state, "job_id": plan.job_id}))
 
 
 class _Board:

@@ -3,6 +3,7 @@ and the clean score run that every faulted run is compared with."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,8 +70,11 @@ def scoring(pipeline, medray_home, ray_cluster, tmp_path_factory) -> ScoringSetu
     run_id = f"clean-{uuid.uuid4().hex[:6]}"
     h.cli(None, *setup.score_args(run_id))
     marker, ref = h.committed(fs, pipeline.lake, run_id)
-    # 240 test images were staged (a few may be byte-identical duplicates, kept once)
-    assert marker["images"] == ref.num_rows > 200 and marker["errors"] == 0
+    # every staged test image, once (of the 240 generated, byte-identical ones are kept once)
+    manifest = json.loads(h.read_object(fs, f"{h.lake_base(pipeline.lake)}/datasets/pneu/1/"
+                                            "manifest.json"))
+    assert marker["images"] == ref.num_rows == manifest["images_by_split"]["test"] > 200
+    assert marker["errors"] == 0
     setup.ref, setup.ref_run = ref, run_id
     return setup
 

@@ -29,19 +29,23 @@ def test_worker_node_killed_mid_job(scoring, multinode):
     # two surviving nodes still have room for both actors and the shard readers
     job_id = scoring.start(run_id, "--actors", "2", "--cpus-per-actor", "0.5",
                            env=multinode.env)
-    # kill as soon as the scorer actors run: the run has a few seconds of scoring left then
-    # (waiting for a first prediction file can be too late: a small run may be one shard)
-    actors = h.wait_for("scorer actors", lambda: h.find(multinode.temp_dir, "ScorerActor"), 300)
+    # kill as soon as a scorer actor runs on a worker node: the run has a few seconds of
+    # scoring left then (waiting for a first prediction file can be too late)
     raylets = {p.pid: p for p in h.find(multinode.temp_dir, "raylet/raylet")
                if "--head" not in h.cmdline(p)}
     assert len(raylets) == 2, f"expected 2 worker raylets, found {len(raylets)}"
-    hosting = [pid for a in actors if (pid := _raylet_of(a, raylets))]
-    target = raylets[hosting[0]] if hosting else next(iter(raylets.values()))
+
+    def hosting() -> list[int]:
+        actors = h.find(multinode.temp_dir, "ScorerActor")
+        return [pid for a in actors if (pid := _raylet_of(a, raylets))]
+
+    # a node without a scorer would prove nothing: the test fails rather than kill an idle one
+    target = raylets[h.wait_for("a scorer actor on a worker node", hosting, 300, every=0.1)[0]]
     fault_at = datetime.now(UTC)
     assert h.sigkill([target]) == [target.pid]
     assert not scoring.is_committed(run_id)
     status = h.wait_job(multinode.home, job_id, timeout=400)
-    log.info("job %s after the node kill (a scorer actor was on it: %s)", status, bool(hosting))
+    log.info("job %s after killing a node that hosted a scorer actor", status)
     if status != "SUCCEEDED":
         h.cli(None, *scoring.score_args(run_id), env=multinode.env, timeout=600)
     marker, preds = h.committed(scoring.fs, scoring.pipe.lake, run_id)

@@ -1,6 +1,7 @@
-"""Faults during a score job: a killed scorer actor, a killed job driver, the S3 server
-stopped for seconds. After each the run completes (on its own or when resumed with the same
---run-id) and its committed predictions equal the clean run's: same images, once, same scores."""
+"""Faults during a score job: a killed scorer actor, a killed job driver (whose files are then
+damaged before the resume), the S3 server stopped for seconds. After each the run completes (on
+its own or when resumed with the same --run-id) and its committed predictions equal the clean
+run's: same images, once, same scores."""
 
 from __future__ import annotations
 
@@ -55,25 +56,47 @@ def test_scorer_actor_killed_mid_batch(scoring):
         f"{'ok' if resumed is not None else 'not needed'})"
 
 
+def _damage(fs, files: list[str]) -> None:
+    """What an OS crash or a careless hand leaves: the first file empty, the second with the
+    right number of rows but image ids that are not its shard's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open_output_stream(files[0]):
+        pass  # zero bytes
+    table = pq.read_table(files[1], filesystem=fs)
+    assert table.num_rows > 0
+    wrong = pa.array([f"{i:064x}" for i in range(table.num_rows)])
+    pq.write_table(table.set_column(table.schema.get_field_index("image_id"), "image_id",
+                                    wrong), files[1], filesystem=fs)
+
+
 def test_job_driver_killed_then_resumed_with_same_run_id(scoring):
+    """SIGKILL of the job driver leaves its lease behind: the next attempt takes it over (Ray
+    says the job FAILED), checks the files the killed attempt wrote, scores again the one an
+    OS crash emptied and the one whose ids are wrong, and commits exactly the clean rows."""
     run_id = _run_id("driverkill")
-    job_id = scoring.start(run_id)
-    scoring.first_shard_written(run_id)
+    # slowed, so the driver is killed with two shard files written and more to go
+    job_id = scoring.start(run_id, env={"MEDRAY_FAULT": "score_batch_delay:0.5"})
+    preds_dir = f"{h.lake_base(scoring.pipe.lake)}/runs/{run_id}/predictions"
+    h.wait_for("two prediction files", lambda: len(h.lake_files(scoring.fs, preds_dir)) >= 2,
+               240, every=0.1)
     drivers = [p for p, spec in h.job_drivers(scoring.temp_dir, "score")
                if spec.get("run_id") == run_id]
     assert len(drivers) == 1, f"expected one driver process of {run_id}, found {len(drivers)}"
     fault_at = datetime.now(UTC)
     assert h.sigkill(drivers)
     assert not scoring.is_committed(run_id)
-    status = h.wait_job(scoring.home, job_id, timeout=120)
-    assert status in ("FAILED", "STOPPED"), status
-    written = len(h.lake_files(scoring.fs, f"{h.lake_base(scoring.pipe.lake)}/runs/{run_id}/"
-                                           "predictions"))
-    assert written >= 1
+    assert h.wait_job(scoring.home, job_id, timeout=120) == "FAILED"
+    written = h.lake_files(scoring.fs, preds_dir)
+    _damage(scoring.fs, written)
     proc = h.cli(None, *scoring.score_args(run_id), timeout=600)
     assert f"resuming run {run_id}" in proc.stderr
-    # the resume scores only what the killed driver had not written
-    assert f"{written} already written" in proc.stderr or "already written" in proc.stderr
+    assert f"replacing job {job_id}: Ray says job {job_id} FAILED" in proc.stderr, \
+        proc.stderr[-3000:]
+    # the resume keeps what the killed driver wrote, less the two damaged files
+    assert f"{len(written) - 2} already written" in proc.stderr, proc.stderr[-3000:]
+    assert "(2 rejected on checking)" in proc.stderr
     _check_committed_after(scoring, run_id, fault_at)
 
 

@@ -146,10 +146,12 @@ def test_frozen_server_delays_but_does_not_fail_a_read(s3_server, medray_home):
 
 
 def _fast_cli_failure(args: list[str], env: dict) -> tuple[str, float]:
+    """A storage refusal ends the command with PermanentStorageError's code: 1 (medray's
+    errors carry their exit codes: 2 is bad input or config that medray itself can judge)."""
     started = time.monotonic()
     proc = h.cli(None, *args, check=False, env=env, timeout=60)
     elapsed = time.monotonic() - started
-    assert proc.returncode != 0
+    assert proc.returncode == PermanentStorageError.exit_code == 1, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     return proc.stderr, elapsed
 

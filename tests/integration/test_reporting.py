@@ -10,6 +10,7 @@ import io
 import json
 import time
 import uuid
+from html import escape as html_escape
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,87 @@ def test_terminal_table_names_the_columns(reported):
     rows = [line.split() for line in proc.stdout.strip().splitlines()[1:3]]
     assert [r[0] for r in rows] == LABELS
     assert all(r[4] == "-" for r in rows)  # --n-boot 0: no interval, printed as '-'
+
+
+# ------------------------------------------------------------------------------- issue 15
+def test_operating_points_ece_interval_and_the_cards_evaluation(reported):
+    """The report gives the rates at the card's threshold with patient-level intervals, ECE
+    with an interval, and records itself in the model version's card."""
+    import jsonschema
+
+    from medray.workers.model_card import SCHEMA
+
+    lake, a = reported["lake"], reported["a"]
+    base = f"runs/{a}/report"
+    preds = _committed(lake, a)
+    operating = lake.read_parquet(f"{base}/operating_points.parquet").to_pylist()
+    assert [(r["label"], r["rule"], r["primary"]) for r in operating] == [
+        (lab, "model card", True) for lab in LABELS]
+    for r in operating:
+        y = _truth(preds, r["label"])
+        pred = preds.column(f"score_{r['label']}").to_numpy() >= r["threshold"]
+        assert r["threshold"] == THRESHOLDS[r["label"]]
+        if (~pred).any():
+            assert r["npv"] == pytest.approx(np.mean(y[~pred] == 0))
+        else:  # nothing called negative: NPV is undefined, stored as null
+            assert r["npv"] is None
+        assert r["sensitivity"] == pytest.approx(np.mean(pred[y == 1]))
+        for m in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            if r[m] is not None:
+                assert r[f"{m}_lo"] <= r[m] <= r[f"{m}_hi"]
+    for r in lake.read_parquet(f"{base}/per_label_metrics.parquet").to_pylist():
+        assert r["ece_lo"] <= r["ece"] <= r["ece_hi"]
+    card = lake.read_json("models/ma/1/card.json")
+    jsonschema.validate(card, SCHEMA)
+    entry = card["evaluations"][a]
+    assert entry["with_truth"] == preds.num_rows and entry["dataset"] == "rep"
+    assert [r["label"] for r in entry["labels"]] == LABELS
+    html = lake.read_bytes(f"{base}/report.html").decode()
+    assert "<h2>Operating points</h2>" in html and "<h2>Model card: ma:1</h2>" in html
+
+
+def _register_users_model(lake_uri: str, tmp: Path, name: str, layers: list) -> None:
+    """A user's own Keras model, saved to .keras and registered with `medray models
+    register`, as issue 15 reports it."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), *layers])
+    path = tmp / f"{name}.keras"
+    model.save(path)
+    cli_json("models", "register", str(path), "--name", name, "--labels", ",".join(LABELS),
+             "--lake", lake_uri)
+
+
+def test_heatmaps_for_a_users_sequential_model_and_a_line_for_one_without_a_map(
+        reported, tmp_path):
+    import keras
+
+    uri, lake = reported["uri"], reported["lake"]
+    _register_users_model(uri, tmp_path, "seq", [
+        keras.layers.Conv2D(8, 3, activation="relu", name="user_conv"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(2, activation="softmax")])
+    _register_users_model(uri, tmp_path, "flat", [
+        keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    for name, expected in (("seq", 2 * len(LABELS)), ("flat", 0)):
+        run = cli_json("score", "--dataset", "rep", "--model", f"{name}:1", "--lake", uri)
+        proc = run_cli("report", run["run_id"], "--heatmaps", "2", "--n-boot", "50",
+                       "--lake", uri, "--json")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        summary = out["summary"]
+        assert summary["heatmaps"] == expected
+        base = f"runs/{run['run_id']}/report"
+        pngs = [f for f in lake.list_files(f"{base}/heatmaps", recursive=True)
+                if f.endswith(".png")]
+        assert len(pngs) == expected
+        html = lake.read_bytes(f"{base}/report.html").decode()
+        if expected:
+            assert summary["heatmaps_note"] is None
+            heat = lake.read_parquet(f"{base}/heatmaps.parquet").to_pylist()
+            assert {h["layer"] for h in heat} == {"user_conv"}
+        else:  # the rest of the report is there, with one line saying why no heatmaps
+            assert "no convolutional feature map" in summary["heatmaps_note"]
+            assert html_escape(summary["heatmaps_note"]) in html
+            assert set(out["metrics"]) == set(LABELS)

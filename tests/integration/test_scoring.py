@@ -221,7 +221,7 @@ def test_precheck_refuses_a_resume_with_other_options_and_gpus_the_cluster_lacks
         return built
 
     ctx = JobContext(job_id="job-precheck", kind="score", submitted_by="test", submitted_at=None)
-    job.start_run(lake, spec(), ctx)  # what a first attempt writes
+    job.start_run(lake, spec(), ctx, run_id)  # what a first attempt writes
     precheck(spec(batch_size=64, actors=2), lake, None)  # speed options may change
     with pytest.raises(InputError, match="started with split=None, not 'test'"):
         precheck(spec(split="test"), lake, None)
@@ -319,10 +319,9 @@ def test_a_corrupted_row_lands_in_errors_and_retry_failed_rescores_it(setup, med
 def test_gpus_on_a_cluster_without_gpus_fail_with_a_clear_message(setup):
     run_id = f"gpu-{uuid.uuid4().hex[:6]}"
     proc = run_cli(*_score(setup, setup["tiny"], run_id, "--gpus-per-actor", "1"), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-2000:]  # refused before submission
     assert "--gpus-per-actor 1 but the cluster has 0 GPU(s)" in proc.stderr, proc.stderr[-2000:]
     assert "--allow-cpu" in proc.stderr
-    assert proc.returncode == 2  # refused before submission: the run was never started
     assert not _lake(setup["lake"]).exists(f"runs/{run_id}/run.json")
 
 

@@ -203,7 +203,9 @@ def test_max_errors_exceeded_fails_and_leaves_nothing(tmp_path, local_lake, ray_
     listed = cli_json("datasets", "list", "--lake", local_lake)
     assert not [d for d in listed if d["dataset"] == "toobad"]
     left = LakeView(local_lake, medray_home, None).files("datasets")
-    assert not left, left  # shards and errors of the failed attempt were tidied away
+    # shards and errors of the failed attempt were tidied away; its version number stays
+    # claimed, so no later staging reuses it
+    assert left == ["datasets/toobad/1/_CLAIM.json"], left
 
 
 # ---------------------------------------------------------------------------- CSV manifests
@@ -336,22 +338,31 @@ def _assert_no_phi(lake: LakeView, markers: set[str]) -> int:
     return scanned
 
 
+def _by_digest(folder: Path) -> dict[str, str]:
+    """image_id -> file name: DICOM rows name their file by a pseudonym, never by its path."""
+    return {hashlib.sha256(p.read_bytes()).hexdigest(): p.name for p in folder.rglob("*")
+            if p.is_file()}
+
+
 def _check_dicom_version(lake: LakeView, name: str, folder: Path) -> None:
     manifest = lake.json(f"datasets/{name}/1/manifest.json")
     assert manifest["format"] == "dicom" and manifest["images"] == 7
     assert manifest["errors_by_type"] == {"multi_frame": 1, "no_pixel_data": 1}
-    rows = {Path(r["source_uri"]).name: r for r in lake.shards(manifest).to_pylist()}
+    names = _by_digest(folder)
+    rows = {names[r["image_id"]]: r for r in lake.shards(manifest).to_pylist()}
     for r in rows.values():
+        assert r["source_uri"].startswith("dicom:") and len(r["source_uri"]) == 38
         meta = json.loads(r["metadata"])
         assert set(meta) <= {"modality", "body_part_examined", "view_position", "rows",
                              "columns", "bits_stored", "photometric_interpretation",
-                             "pixel_spacing", "burned_in_annotation", "transfer_syntax"}
+                             "pixel_spacing", "burned_in_annotation", "transfer_syntax",
+                             "sop_instance_uid"}
+        assert meta["sop_instance_uid"].startswith("2.25.")  # remapped, never the original
         assert r["labels"] is None  # a flat DICOM folder: ground truth unknown
         original = pydicom.dcmread(io.BytesIO(r["original"]))
         assert original.PatientIdentityRemoved == "YES"
         assert not str(original.get("PatientName") or "")
-        assert r["image_id"] == hashlib.sha256((folder / Path(r["source_uri"]).name)
-                                               .read_bytes()).hexdigest()
+        assert original.SOPInstanceUID == meta["sop_instance_uid"]
     m1 = np.frombuffer(rows["phi_m1.dcm"]["pixels"], np.uint8).astype(int)
     m2 = np.frombuffer(rows["phi_m2.dcm"]["pixels"], np.uint8).astype(int)
     assert np.abs(m1 + m2 - 255).max() <= 1  # MONOCHROME1 is inverted
@@ -447,3 +458,110 @@ def test_a_decoder_crash_becomes_an_error_row(tmp_path, local_lake, ray_cluster,
     errors = lake.table(manifest["error_files"][0])
     assert sorted(Path(u).name for u in errors.column("source_uri").to_pylist()) == [
         "poison1.png", "poison2.png"]
+
+
+# ---------------------------------------------------------------------------- re-staging (#14)
+def _described(lake: LakeView, manifest: dict) -> dict[str, tuple]:
+    return {r["image_id"]: (r["labels"], r["split"], r["patient_key"], r["source_uri"])
+            for r in lake.shards(manifest).to_pylist()}
+
+
+def test_restaging_the_same_npz_keeps_every_label(tmp_path, s3_lake, s3_server, ray_cluster,
+                                                  medray_home):
+    """The second `make demo`: re-staging one .npz made a version of unlabelled rows."""
+    src = small_npz(tmp_path / "pneu.npz", {"train": 60, "val": 20, "test": 20})
+    opts = ("--image-size", "28", "--label-names", "normal,pneumonia")
+    first = _stage(src, "again", s3_lake, *opts)
+    second = _stage(src, "again", s3_lake, *opts)
+    assert (second["version"], second["reused_images"], second["new_images"]) == (
+        2, first["images"], 0)
+    lake = LakeView(s3_lake, medray_home, s3_server)
+    v1, v2 = (lake.json(f"datasets/again/{v}/manifest.json") for v in (1, 2))
+    assert _described(lake, v2) == _described(lake, v1)  # row for row
+    assert v2["counts"] == v1["counts"]
+    assert not any("(unknown)" in c for c in v2["counts"].values()), v2["counts"]
+
+
+def test_an_image_moved_from_train_to_test_moves(tmp_path, local_lake, ray_cluster, medray_home):
+    src = tmp_path / "src"
+    for i in range(9):
+        _noise_png(src / ("train", "val", "test")[i % 3] / "a" / f"img{i}.png", i)
+    _stage(src, "moving", local_lake, "--image-size", "16")
+    (src / "train" / "a" / "img0.png").rename(src / "test" / "a" / "img0.png")
+    res = _stage(src, "moving", local_lake, "--image-size", "16")
+    assert (res["moved_images"], res["reused_images"], res["new_images"]) == (1, 9, 0)
+    lake = LakeView(local_lake, medray_home, None)
+    manifest = lake.json("datasets/moving/2/manifest.json")
+    assert manifest["moved_images"] == 1
+    assert manifest["images_by_split"] == {"test": 4, "train": 2, "val": 3}
+    rows = {Path(r["source_uri"]).name: r for r in lake.shards(manifest).to_pylist()}
+    assert rows["img0.png"]["split"] == "test"
+    assert rows["img0.png"]["source_uri"] == str(src / "test" / "a" / "img0.png")
+
+
+def test_stagings_of_one_name_at_once_get_distinct_versions(tmp_path, s3_lake, s3_server,
+                                                            ray_cluster, medray_home):
+    import subprocess
+
+    from tests.support.paths import MEDRAY
+
+    sources = {}
+    for k, n in enumerate((5, 8, 11)):
+        sources[k] = tmp_path / f"src{k}"
+        for i in range(n):
+            _noise_png(sources[k] / "x" / f"{i}.png", 1000 * k + i, size=16)
+    procs = {k: subprocess.Popen([MEDRAY, "stage", str(src), "--dataset", "race", "--lake",
+                                  s3_lake, "--image-size", "16", "--json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, src in sources.items()}
+    results = {}
+    for k, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results[k] = json.loads(out.strip().splitlines()[-1])
+    assert sorted(r["version"] for r in results.values()) == [1, 2, 3]
+    lake = LakeView(s3_lake, medray_home, s3_server)
+    for k, res in results.items():
+        manifest = lake.json(f"datasets/race/{res['version']}/manifest.json")
+        assert manifest["job_id"] == res["job_id"] and manifest["source"] == str(sources[k])
+        assert manifest["images"] == res["images"] == len(list(sources[k].rglob("*.png")))
+        staged = {Path(u).parent.parent for u in lake.shards(manifest).column(
+            "source_uri").to_pylist()}
+        assert staged == {sources[k]}
+
+
+# ---------------------------------------------------------------------------- purge (#13)
+def test_a_changed_profile_reuses_nothing_and_delete_purges_the_old_version(
+        tmp_path, s3_lake, s3_server, ray_cluster, medray_home):
+    src = tmp_path / "src"
+    for i in range(8):
+        _noise_png(src / "a" / f"{i}.png", 300 + i, size=16)
+    first = _stage(src, "purge", s3_lake, "--image-size", "16")
+    lake = LakeView(s3_lake, medray_home, s3_server)
+    # as if v1 had been staged by a medray with an older de-identification profile
+    fs, root = lake.fs, lake.root
+    v1 = lake.json("datasets/purge/1/manifest.json")
+    v1["content_options"]["deid_profile"] = "medray-deid-1/ps3.15-2024b"
+    with fs.open_output_stream(f"{root}/datasets/purge/1/manifest.json") as out:
+        out.write(json.dumps(v1).encode())
+    second = _stage(src, "purge", s3_lake, "--image-size", "16")
+    assert (second["reused_images"], second["new_images"]) == (0, first["images"])
+    v2 = lake.json("datasets/purge/2/manifest.json")
+    assert not {s["path"] for s in v2["shards"]} & {s["path"] for s in v1["shards"]}
+    third = _stage(src, "purge", s3_lake, "--image-size", "16", "--no-reuse")
+    assert (third["version"], third["reused_images"]) == (3, 0)
+    gone = cli_json("datasets", "delete", "purge:1", "--lake", s3_lake)
+    assert gone["removed_files"] >= 2 and gone["kept_files"] == []
+    assert lake.files("datasets/purge/1") == []
+    listed = [d["version"] for d in cli_json("datasets", "list", "--lake", s3_lake)
+              if d["dataset"] == "purge"]
+    assert listed == [2, 3]
+    assert lake.shards(lake.json("datasets/purge/2/manifest.json")).num_rows == first["images"]
+    # a version whose shards a later version lists keeps them: delete v3 after a reusing v4
+    fourth = _stage(src, "purge", s3_lake, "--image-size", "16")
+    assert fourth["reused_images"] == first["images"]
+    kept = cli_json("datasets", "delete", "purge:3", "--lake", s3_lake)["kept_files"]
+    assert kept and all(p.startswith("datasets/purge/3/shards/") for p in kept)
+    assert lake.shards(lake.json("datasets/purge/4/manifest.json")).num_rows == first["images"]
+    assert run_cli("datasets", "delete", "purge", "--lake", s3_lake, check=False
+                   ).returncode == 2  # the version must be named

@@ -318,3 +318,103 @@ def test_imagenet_without_network_is_a_fast_clear_error(lake, p32):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--weights PATH" in proc.stderr
     assert time.monotonic() - started < 60
+
+
+# ------------------------------------------------ issue 15: a card a clinician can trust
+def test_card_has_calibration_operating_points_and_inference_matches_training(lake, pneu,
+                                                                             tmp_path):
+    """Through `medray train`: BatchNorm statistics re-estimated every epoch (the registered
+    model's inference-mode features match its training-mode ones), temperature scaling and
+    the operating points fitted on validation, validation metrics with intervals, the
+    intended use from flags and a card file, and a card that validates against its schema."""
+    import jsonschema
+
+    from medray.workers import calibration
+    from medray.workers.model_card import SCHEMA
+    from medray.workers.models import feature_extractor
+
+    card_file = tmp_path / "card.yaml"
+    card_file.write_text("users: radiology researchers\nlimitations:\n"
+                         "  - Paediatric images from one hospital.\n")
+    proc = run_cli("train", "--dataset", "pneu", "--model", "trust", "--epochs", "3",
+                   "--batch-size", "32", "--operating-point",
+                   "youden,pneumonia:sensitivity=0.9", "--out-of-scope",
+                   "adults; screening without a radiologist", "--card-file", str(card_file),
+                   "--lake", lake, "--json")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert re.search(r"calibration on val: temperature \{'normal': '[\d.]+', 'pneumonia'",
+                     proc.stderr)
+    assert res["val_ece_before"] is not None and res["val_ece_after"] is not None
+    card = _card(lake, "trust", res["version"])
+    jsonschema.validate(card, SCHEMA)
+
+    # every epoch re-estimated BatchNorm on training images before it validated
+    assert all(h["bn_images"] > 0 for h in card["metrics"]["history"])
+    model = _keras_model(lake, "trust", res["version"])
+    from medray.cluster.store import catalog
+
+    lk = _lake(lake)
+    _, _, manifest = catalog.resolve(lk, "pneu")
+    rows = {"train": [], "val": []}
+    for shard in manifest["shards"]:
+        t = lk.read_parquet(shard["path"], columns=["split", "labels", "pixels"])
+        for split, labels, pixels in zip(*(t.column(c).to_pylist() for c in
+                                           ("split", "labels", "pixels")), strict=True):
+            if split in rows:
+                rows[split].append((np.frombuffer(pixels, np.uint8).reshape(28, 28, 1),
+                                    "pneumonia" in labels))
+    x_train = np.stack([r[0] for r in rows["train"]]).astype(np.float32)
+    feats = feature_extractor(model)
+    trained = np.asarray(feats(x_train, training=True))
+    served = np.asarray(feats(x_train, training=False))
+    # before the fix: 0.9 on the same measure (tests/unit/test_training_unit.py)
+    assert np.abs(trained - served).mean() / np.abs(trained).mean() < 0.1
+
+    # calibration: one temperature (softmax), fitted on val, never worse in likelihood
+    cal = card["calibration"]
+    assert cal["fitted_on"] == "val" and cal["images"] == len(rows["val"])
+    assert cal["temperature"]["normal"] == cal["temperature"]["pneumonia"] > 0
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+
+    # the operating points hit what they promise on validation, recomputed here
+    x_val = np.stack([r[0] for r in rows["val"]]).astype(np.float32)
+    y_val = np.array([r[1] for r in rows["val"]])
+    raw = np.asarray(model(x_val, training=False))
+    scores = calibration.apply(raw, [cal["temperature"]["normal"]] * 2, False)[:, 1]
+    points = {(p["label"], p["rule"]): p for p in card["operating_points"]}
+    assert set(points) == {("normal", "youden"), ("pneumonia", "youden"),
+                           ("pneumonia", "sensitivity=0.9")}
+    sens90 = points[("pneumonia", "sensitivity=0.9")]
+    called = scores >= sens90["threshold"]
+    assert called[y_val].mean() >= 0.9
+    assert called[y_val].mean() == pytest.approx(sens90["val_sensitivity"], abs=1e-9)
+    assert card["thresholds"]["pneumonia"] == points[("pneumonia", "youden")]["threshold"]
+    assert res["thresholds"] == card["thresholds"]
+
+    v = card["validation"]["labels"]["pneumonia"]
+    assert v["auroc_lo"] <= v["auroc"] <= v["auroc_hi"]
+    assert card["validation"]["images"] == len(rows["val"])
+    splits = card["training_data"]["splits"]
+    assert splits["train"]["images"] == len(rows["train"])
+    assert splits["val"]["labels"]["pneumonia"] == int(y_val.sum())
+    use = card["intended_use"]
+    assert use["primary"].startswith("Research use only")
+    assert use["out_of_scope"] == ["adults", "screening without a radiologist"]
+    assert use["users"] == "radiology researchers"
+    assert card["limitations"][0] == "Paediatric images from one hospital."
+
+    shown = run_cli("models", "show", f"trust:{res['version']}", "--text", "--lake", lake)
+    assert "## Operating points" in shown.stdout and "sensitivity=0.9" in shown.stdout
+
+
+def test_bad_operating_point_or_card_file_is_refused_before_training(lake, pneu, tmp_path):
+    bad = run_cli("train", "--dataset", "pneu", "--model", "nope", "--operating-point",
+                  "sensitivity=95", "--lake", lake, check=False)
+    assert bad.returncode == 2 and "target must lie in (0, 1]" in bad.stderr
+    label = run_cli("train", "--dataset", "pneu", "--model", "nope", "--operating-point",
+                    "Mass:youden", "--lake", lake, check=False)
+    assert label.returncode == 2 and "no label 'Mass'" in label.stderr
+    (tmp_path / "c.yaml").write_text("intended_use: x\nwarranty: none\n")
+    card = run_cli("train", "--dataset", "pneu", "--model", "nope", "--card-file",
+                   str(tmp_path / "c.yaml"), "--lake", lake, check=False)
+    assert card.returncode == 2 and "--card-file" in card.stderr

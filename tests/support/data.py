@@ -86,19 +86,20 @@ def _encode(img: Any, fmt: str, **kw: Any) -> bytes:
 
 
 def dicom_bytes(pixels: bool = True, transfer_syntax: str | None = None,
-                phi: bool = True) -> bytes:
+                phi: bool = True, frame: bytes | None = None) -> bytes:
     """A small MONOCHROME2 DICOM with PHI in its header (optionally without pixel data, or
-    labelled with another transfer syntax)."""
+    labelled with another transfer syntax, its one encapsulated frame ``frame``)."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import (
         UID,
+        ComputedRadiographyImageStorage,
         ExplicitVRLittleEndian,
-        SecondaryCaptureImageStorage,
         generate_uid,
     )
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    # a radiograph: secondary captures may carry burned-in text and are refused by default
+    meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = UID(transfer_syntax) if transfer_syntax else ExplicitVRLittleEndian
     ds = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\x00" * 128)
@@ -124,7 +125,7 @@ def dicom_bytes(pixels: bool = True, transfer_syntax: str | None = None,
         if transfer_syntax:  # a compressed syntax: one encapsulated frame (not real MPEG-2)
             from pydicom.encaps import encapsulate
 
-            ds.PixelData = encapsulate([raw])
+            ds.PixelData = encapsulate([frame if frame is not None else raw])
             ds["PixelData"].VR = "OB"
         else:
             ds.PixelData = raw
@@ -151,6 +152,7 @@ CORPUS_EXPECT: dict[str, set[str] | None] = {
     "bomb.png": {"too_large"},
     "no_pixels.dcm": {"no_pixel_data"},
     "mpeg2_syntax.dcm": {"unsupported"},
+    "codestream_bomb.dcm": {"too_large"},
 }
 
 
@@ -181,6 +183,9 @@ def build_corpus(root: Path) -> dict[str, Path]:
         "bomb.png": png_bomb(12000),
         "no_pixels.dcm": dicom_bytes(pixels=False, phi=False),
         "mpeg2_syntax.dcm": dicom_bytes(transfer_syntax="1.2.840.10008.1.2.4.100", phi=False),
+        # a 32 x 32 data set whose JPEG frame declares 60000 x 60000 (3.6 gigapixels)
+        "codestream_bomb.dcm": dicom_bytes(transfer_syntax="1.2.840.10008.1.2.4.50", phi=False,
+                                           frame=jpeg_claiming(60000, 60000)),
     }
     assert set(data) == set(CORPUS_EXPECT)
     paths = {}
@@ -191,3 +196,34 @@ def build_corpus(root: Path) -> dict[str, Path]:
         path.write_bytes(blob)
         paths[name] = path
     return paths
+
+
+# ----------------------------------------------------------------------------- .npz bombs
+def _npy_header(shape: tuple[int, ...], dtype: str = "|u1") -> bytes:
+    """A .npy v1.0 header for a C-ordered array of ``shape``."""
+    text = f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': {shape!r}, }}"
+    text += " " * (63 - (10 + len(text)) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode()
+
+
+def npz_bomb(path: Path, side: int = 20_000, real: bool = True) -> Path:
+    """A MedMNIST-style .npz whose ``train_images`` is one side x side image of zeros (about
+    side**2 bytes inflated, a thousandth of that on disk; ``real=False``: the header alone),
+    beside a small, valid ``test`` pair, so a job has something to stage."""
+    import zipfile
+
+    good = np.random.default_rng(4).integers(0, 255, (4, 28, 28), dtype=np.uint8)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("train_images.npy", "w", force_zip64=True) as fh:
+            fh.write(_npy_header((1, side, side)))
+            zeros = b"\0" * (1 << 22)
+            left = side * side if real else 0
+            while left > 0:
+                fh.write(zeros[:left])
+                left -= len(zeros)
+        for name, arr in (("train_labels", np.array([[0]])), ("test_images", good),
+                          ("test_labels", np.array([[0], [1], [0], [1]]))):
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            zf.writestr(f"{name}.npy", buf.getvalue())
+    return path

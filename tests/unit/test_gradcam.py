@@ -1,5 +1,6 @@
-"""Grad-CAM on models built by workers/models.py: a small_cnn whose weights are set by hand to
-detect bright spots (so the right answer is known), and a nested ImageNet backbone."""
+"""Grad-CAM on models built by workers/models.py (a small_cnn whose weights are set by hand to
+detect bright spots, so the right answer is known; a nested ImageNet backbone) and on models
+users bring: a Sequential saved to .keras, a functional model ending in an activation layer."""
 
 from __future__ import annotations
 
@@ -156,3 +157,69 @@ def test_overlay_png_is_the_image_tinted_where_hot(bright_spot_cnn) -> None:
     assert colormap(np.array([1.0]))[0].tolist()[0] > 100  # red end
     with pytest.raises(InputError, match="does not match"):
         overlay(img, np.zeros((5, 5)))
+
+
+# ------------------------------------------------------------- models users bring (.keras)
+def _trained_spot_model(model, keras, epochs: int = 30):
+    """Fit a user's model on bright-spot vs plain images, so its maps mean something."""
+    rng = np.random.default_rng(5)
+    plain = rng.integers(0, 40, size=(64, SIZE, SIZE, 1)).astype(np.uint8)
+    spots = np.stack([_spot_image(rng, *rng.integers(4, SIZE - 4, 2)) for _ in range(64)])
+    x = np.concatenate([plain, spots]).astype(np.float32) / 255.0
+    y = np.r_[np.zeros(64), np.ones(64)].astype(int)
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def test_user_sequential_model_from_a_keras_file(keras, tmp_path) -> None:
+    """The issue's model: keras.Sequential([Conv2D, GlobalAveragePooling2D, Dense]) saved by a
+    user and loaded from the file, as `medray models register` stores it. The old sub-model
+    split gave a None gradient here and failed the whole report."""
+    from medray.workers.gradcam import GradCam
+    from medray.workers.models import load_model
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 1)),
+                              keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(2, activation="softmax")])
+    _trained_spot_model(model, keras)
+    path = tmp_path / "user.keras"
+    model.save(path)
+    loaded = load_model(str(path))
+    cam = GradCam(loaded)
+    assert cam.layer_name == loaded.layers[0].name  # the Conv2D
+    rng = np.random.default_rng(6)
+    x = np.stack([_spot_image(rng, 7, 20), _spot_image(rng, 20, 8)])
+    logits = cam.logits(x / 255.0)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(e / e.sum(axis=1, keepdims=True),
+                               np.asarray(loaded(x.astype(np.float32) / 255.0)), atol=1e-5)
+    maps = cam.heatmaps(x / 255.0, 1)
+    assert maps.shape == (2, SIZE, SIZE) and maps.max() == pytest.approx(1.0)
+    for m, (r, c) in zip(maps, [(7, 20), (20, 8)], strict=True):
+        assert m[r - 3:r + 3, c - 3:c + 3].mean() > 2 * m.mean()  # the spot is what it saw
+
+
+def test_functional_model_with_separate_activation_and_named_layer(keras) -> None:
+    """Dense (linear) -> Activation("sigmoid") at the end, and --heatmap-layer choosing an
+    earlier conv than the default."""
+    from medray.workers.gradcam import GradCam
+
+    inputs = keras.Input((SIZE, SIZE, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="early")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="late")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, keras.layers.Activation("sigmoid")(x))
+    assert GradCam(model).layer_name == "late"
+    cam = GradCam(model, layer_name="early")
+    x = np.random.default_rng(7).integers(0, 255, size=(2, SIZE, SIZE, 1)).astype(np.uint8)
+    np.testing.assert_allclose(1 / (1 + np.exp(-cam.logits(x))),
+                               np.asarray(model(x.astype(np.float32))), atol=1e-5)
+    maps = cam.heatmaps(x, [0, 2])
+    assert maps.shape == (2, SIZE, SIZE) and np.isfinite(maps).all()
+    with pytest.raises(InputError, match="no layer 'nope'.*--heatmap-layer"):
+        GradCam(model, layer_name="nope")
+

@@ -86,3 +86,39 @@ def test_run_cost_without_prices_says_none_rather_than_zero(lake):
     assert out["cpu_seconds"] == pytest.approx(5.0)
     assert out["cost_total"] is None and out["cost_per_1000_images"] is None
     assert runs.run_cost(lake, "never-scored", images=5)["score_jobs"] == 0
+
+
+def test_every_attempt_records_its_usage_however_it_ends(lake, monkeypatch):
+    """A stopped attempt, a failed one and one killed outright (its last RUNNING record) are
+    counted in the run's cost with the one that succeeded."""
+    from medray.cluster.infra import costs
+    from medray.cluster.infra.stopping import JobStopped
+    from medray.cluster.score.usage import UsageRecorder
+
+    seconds = iter([11.0, 7.0, 5.0])
+    monkeypatch.setattr(costs, "job_usage", lambda wall, settle_tries=3: {
+        "wall_seconds": wall, "cpu_seconds": next(seconds), "gpu_seconds": 0.0,
+        "by_node_type": {}})
+    UsageRecorder(lake, "r3", "medray-score-s", 0.0).ended(JobStopped("stop"))
+    UsageRecorder(lake, "r3", "medray-score-f", 0.0).ended(RuntimeError("boom"))
+    UsageRecorder(lake, "r3", "medray-score-k", 0.0).running()  # then SIGKILL: nothing more
+    runs.record_usage(lake, "r3", "medray-score-ok", {"usage": {"cpu_seconds": 2.0}})
+    statuses = {d["job_id"]: d["status"] for d in
+                (lake.read_json(f"runs/r3/usage/{j}.json") for j in
+                 ("medray-score-s", "medray-score-f", "medray-score-k", "medray-score-ok"))}
+    assert statuses == {"medray-score-s": "STOPPED", "medray-score-f": "FAILED",
+                        "medray-score-k": "RUNNING", "medray-score-ok": "SUCCEEDED"}
+    out = runs.run_cost(lake, "r3", images=10)
+    assert out["score_jobs"] == 4 and out["cpu_seconds"] == pytest.approx(25.0)
+
+
+def test_a_usage_that_cannot_be_recorded_never_hides_the_jobs_error(lake, monkeypatch):
+    from medray.cluster.infra import costs
+    from medray.cluster.score.usage import UsageRecorder
+
+    def down(*args, **kwargs):
+        raise OSError("lake down")
+
+    monkeypatch.setattr(costs, "job_usage", lambda wall, settle_tries=3: {"cpu_seconds": 1.0})
+    monkeypatch.setattr(runs, "record_usage", down)
+    UsageRecorder(lake, "r4", "medray-score-x", 0.0).ended(RuntimeError("the real error"))

@@ -1,4 +1,7 @@
-"""The lake on a local folder: atomic writes, listings, confinement, error classification."""
+"""The lake on a local folder: atomic and durable writes, conditional writes (create-if-absent,
+replace/delete-if-unchanged) and the version claims built on them, listings, confinement, error
+classification. The conditional-write contract (tests/support/conditional.py) runs on the S3
+server too, in tests/integration/test_conditional_writes.py."""
 
 from __future__ import annotations
 
@@ -8,9 +11,12 @@ import stat
 import pyarrow as pa
 import pytest
 
-from medray.cluster.store import catalog, registry
+from medray.cluster.store import atomic, catalog, registry
+from medray.cluster.store import lake as lake_mod
 from medray.cluster.store.lake import Lake, classify, with_retries
 from medray.workers.errors import ConfigError, InfraError, NotFoundError, PermanentStorageError
+from medray.workers.models import ModelCard
+from tests.support import conditional
 
 
 def test_roundtrip_and_listing(tmp_path):
@@ -78,8 +84,6 @@ def test_dataset_versions_need_a_manifest(tmp_path):
 
 
 def test_model_refs_and_aliases(tmp_path):
-    from medray.workers.models import ModelCard
-
     lake = Lake(str(tmp_path / "lake"))
     f = tmp_path / "m.keras"
     f.write_bytes(b"not really a model")
@@ -105,3 +109,65 @@ def test_model_refs_and_aliases(tmp_path):
         registry.resolve(lake, "m@staging")
     with pytest.raises(ConfigError):
         registry.parse_ref("m:x:y")
+
+
+# ------------------------------------------------------------------ durable and conditional writes
+def test_a_local_write_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    lake = Lake(str(tmp_path / "lake"))
+    events: list[str] = []
+    real_fsync, real_replace = lake_mod.fsync_path, os.replace
+    monkeypatch.setattr(lake_mod, "fsync_path", lambda p: (events.append(
+        "dir" if os.path.isdir(p) else "file"), real_fsync(p))[1])
+    monkeypatch.setattr(lake_mod.os, "replace", lambda a, b: (events.append("rename"),
+                                                              real_replace(a, b))[1])
+    lake.write_bytes("d/x.bin", b"payload")
+    assert events == ["file", "rename", "dir"]
+    assert lake.read_bytes("d/x.bin") == b"payload"
+
+
+def test_temporaries_carry_the_attempts_tag(tmp_path):
+    lake = Lake(str(tmp_path / "lake")).tagged("medray-score-1/../x")
+    assert lake.tmp_prefix() == ".tmp-medray-score-1____x-"
+    assert lake.tmp_prefix("j2") == ".tmp-j2-" and Lake(lake.uri).tmp_prefix() == ".tmp-"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(lake)).tmp_tag == lake.tmp_tag
+
+
+def test_conditional_write_contract_on_a_local_lake(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    conditional.check_create_if_absent(lake)
+    conditional.check_replace_and_delete_if_match(lake)
+    leftovers = [p.name for p in (tmp_path / "lake").rglob(".tmp-*")]
+    assert leftovers == [], leftovers
+
+
+def test_a_create_is_durable_and_leaves_a_complete_file_or_none(tmp_path, monkeypatch):
+    lake = Lake(str(tmp_path / "lake"))
+    synced: list[str] = []
+    real = atomic.fsync_path
+    monkeypatch.setattr(atomic, "fsync_path", lambda p: (synced.append(p), real(p))[1])
+    assert atomic.create_if_absent(lake, "a/b.json", b"{}")
+    assert synced == [str(tmp_path / "lake" / "a")]  # the folder, after the link
+
+
+def test_concurrent_model_registrations_get_distinct_versions_with_their_own_cards(tmp_path):
+    conditional.check_concurrent_registrations(Lake(str(tmp_path / "lake")), tmp_path)
+
+
+@pytest.mark.timeout(300)
+def test_registrations_from_several_processes_get_distinct_versions(tmp_path):
+    conditional.check_registrations_from_processes(Lake(str(tmp_path / "lake")), tmp_path)
+
+
+def test_concurrent_dataset_version_claims_are_distinct(tmp_path):
+    conditional.check_concurrent_dataset_claims(Lake(str(tmp_path / "lake")))
+
+
+def test_a_registration_whose_file_is_missing_claims_nothing(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    card = ModelCard(name="m", labels=["a"], multi_label=False, input_size=8,
+                              channels=1, arch="external")
+    with pytest.raises(FileNotFoundError):
+        registry.register(lake, str(tmp_path / "nope.keras"), card)
+    assert lake.list_dirs("models/m") == []

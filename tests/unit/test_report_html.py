@@ -510,3 +510,88 @@ def test_html_renders_in_headless_chromium(tmp_path: Path) -> None:
         assert (region < 128).mean() > 0.005, f"{i['alt']} has almost no dark pixels"
     # the page around the plots is white, so the check above measures the plots themselves
     assert np.median(pixels) > 240
+
+
+# ----------------------------------------------------------------------- issue 15 additions
+def _keys_with_attributes(keys: pa.Table, seed: int = 0) -> pa.Table:
+    """The report's attribute read: metadata JSON per image (age and sex per patient, view
+    per image), as remote.read_keys builds it."""
+    rng = np.random.default_rng(seed)
+    patients = keys.column("patient_key").to_pylist()
+    ages = {p: int(rng.integers(1, 95)) for p in set(patients)}
+    sexes = {p: str(rng.choice(["M", "F"])) for p in set(patients)}
+    attrs = [rd.attribute_json({"metadata": json.dumps({"view_position": "PA" if i % 2 else
+                                                        "AP"}),
+                                "Patient Age": ages[p], "Patient Gender": sexes[p]})
+             for i, p in enumerate(patients)]
+    return keys.append_column("attributes", pa.array(attrs, pa.string()))
+
+
+def test_operating_points_subgroups_tables_and_page():
+    preds, keys = make_run(21)
+    keys = _keys_with_attributes(keys)
+    run = load(preds)
+    groups, _ = rd.patient_groups(run.image_id, keys)
+    attributes = rd.attributes_for(run.image_id, keys, None)  # the usual ones it has
+    assert set(attributes) == {"Patient Age", "Patient Gender", "view_position"}
+    points = [{"label": "effusion", "rule": "youden", "threshold": 0.4137, "primary": True},
+              {"label": "effusion", "rule": "sensitivity=0.9", "threshold": 0.3,
+               "primary": False},
+              {"label": "nodule", "rule": "youden", "threshold": 0.6291, "primary": True}]
+    report = ev.build_report(run, groups, 100, ["model card"] * 2, points=points,
+                             attributes=attributes)
+    known, y = truth_of(preds)
+    s = scores_of(preds, "effusion")
+    for row in (r for r in report.operating if r["label"] == "effusion"):
+        pred = s[known] >= row["threshold"]
+        assert row["sensitivity"] == pytest.approx(skm.recall_score(y[known, 0], pred))
+        assert row["npv"] == pytest.approx(np.mean(y[known, 0][~pred] == 0))
+        assert row["f1_lo"] <= row["f1"] <= row["f1_hi"]
+    assert [(r["label"], r["rule"]) for r in report.operating] == [
+        (p["label"], p["rule"]) for p in points]
+    assert {r["attribute"] for r in report.subgroups} == set(attributes)
+    assert len(report.gaps) == len(LABELS) * len(attributes) * 3
+    for r in report.per_label:
+        assert r["ece_lo"] <= r["ece"] <= r["ece_hi"]
+    # every table writes with its fixed types, the page renders the new sections
+    for rows in (report.operating, report.subgroups, report.gaps):
+        report_tables.table(rows)
+    summary = {"run_id": "r", "calibration": "temperature scaling", "flagged_gaps": 1,
+               "subgroup_attributes": list(attributes),
+               "heatmaps_note": "no heatmaps: <because>"}
+    report_tables.table([summary])
+    from medray.workers.model_card import ModelCard
+
+    card = ModelCard(name="m", labels=LABELS, multi_label=True, input_size=8, channels=1,
+                     arch="small_cnn", version=2).to_dict()
+    page = report_html.render(report_html.document(
+        summary, report.per_label, report.plots, None, None, [], operating=report.operating,
+        subgroups=report.subgroups, gaps=report.gaps, card=card))
+    assert "<h2>Operating points</h2>" in page and "<h2>Subgroups</h2>" in page
+    assert "<h2>Model card: m:2</h2>" in page
+    assert "no heatmaps: &lt;because&gt;" in page  # the note, escaped, once per label
+    assert page.count("no heatmaps: &lt;because&gt;") == len(LABELS)
+
+
+def test_asking_for_an_attribute_the_dataset_lacks_names_those_it_has():
+    preds, keys = make_run(22)
+    run = load(preds)
+    with pytest.raises(rd.InputError, match="no attribute 'Weight'.*Patient Age"):
+        rd.attributes_for(run.image_id, _keys_with_attributes(keys), ["Weight"])
+    with pytest.raises(rd.InputError, match="keeps no patient attributes"):
+        rd.attributes_for(run.image_id, keys, ["Patient Age"])
+    assert rd.attributes_for(run.image_id, keys, None) == {}
+
+
+def test_patient_keys_that_are_null_count_the_image_as_its_own_unit():
+    preds, keys = make_run(23, n_patients=4, per_patient=2)
+    run = load(preds)
+    nulls = keys.set_column(1, "patient_key",
+                            pa.array([None] + keys.column("patient_key").to_pylist()[1:]))
+    groups, found = rd.patient_groups(run.image_id, nulls)
+    first = keys.column("image_id")[0].as_py()
+    kept = list(run.image_id)
+    if first in kept:
+        assert groups[kept.index(first)] == f"image:{first}"
+    assert found == sum(1 for g in groups if g.startswith("patient:"))
+    assert not any(g == "patient:None" for g in groups)

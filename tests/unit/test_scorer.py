@@ -147,3 +147,39 @@ def test_mixed_precision_copy_computes_in_float16_with_float32_scores(model_file
 def test_mixed_precision_without_a_gpu_scores_in_float32(model_file):
     s = Scorer(str(model_file), _card(), mixed_precision=True)
     assert s.precision == "float32" and not s.gpus
+
+
+def test_a_calibrated_card_scores_calibrated_and_keeps_the_raw_score(model_file):
+    """The card's temperatures (one per sigmoid label) turn the model's scores into calibrated
+    ones in score_<label>; raw_score_<label> is the model's own output; the thresholds apply
+    to the calibrated scores."""
+    from medray.workers.calibration import apply
+
+    temps = {"effusion": 0.5, "mass": 1.0, "nodule": 4.0}
+    card = _card(calibration={"method": "temperature", "fitted_on": "val",
+                              "temperature": temps},
+                 thresholds={"effusion": 0.5, "mass": 0.5, "nodule": 0.5})
+    scorer = Scorer(str(model_file), card, predict_batch=8)
+    rows = _rows(9, seed=4)
+    rows[3]["pixels"] = b"short"
+    out = scorer(shard_table(rows))
+    raw = np.stack([out.column(f"raw_score_{lab}").to_numpy(zero_copy_only=False)
+                    for lab in LABELS], axis=1)
+    cal = np.stack([out.column(f"score_{lab}").to_numpy(zero_copy_only=False)
+                    for lab in LABELS], axis=1)
+    ok = [i for i in range(9) if i != 3]
+    np.testing.assert_allclose(raw[ok], _reference(model_file, [rows[i] for i in ok]),
+                               atol=1e-5)
+    np.testing.assert_allclose(cal[ok], apply(raw[ok], list(temps.values()), True), atol=1e-6)
+    assert not np.allclose(cal[ok][:, 2], raw[ok][:, 2])  # T = 4 pulls scores to 0.5
+    assert np.isnan(raw[3]).all() and np.isnan(cal[3]).all()
+    predicted = out.column("predicted_labels").to_pylist()
+    for i in ok:
+        assert predicted[i] == [lab for j, lab in enumerate(LABELS) if cal[i, j] >= 0.5]
+    # the prediction schema comes first, the raw scores after it
+    assert out.schema.names[:len(prediction_schema(LABELS))] == prediction_schema(LABELS).names
+
+
+def test_an_uncalibrated_card_adds_no_raw_columns(scorer):
+    out = scorer(shard_table(_rows(3)))
+    assert not [c for c in out.column_names if c.startswith("raw_score_")]

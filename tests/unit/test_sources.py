@@ -312,7 +312,8 @@ def test_dicom_patient_id_groups_splits_and_is_never_stored(tmp_path):
     assert not any(r["_error_type"] for r in rows)
     by_patient: dict[str, set[tuple[str, str]]] = {}
     for r in rows:
-        pid = Path(r["source_uri"]).stem.split("_")[0]
+        assert r["source_uri"].startswith("dicom:") and "ZZPID" not in r["source_uri"]
+        pid = Path(r["_raw_uri"]).stem.split("_")[0]
         by_patient.setdefault(pid, set()).add((r["split"], r["patient_key"]))
     assert all(len(v) == 1 for v in by_patient.values())  # one split and one key a patient
     assert len({next(iter(v))[1] for v in by_patient.values()}) == 30
@@ -333,7 +334,8 @@ def test_bad_inputs_become_error_rows(tmp_path):
     rtdose = Path(get_testdata_file("rtdose.dcm")).read_bytes()  # 15 frames
     (tmp_path / "l" / "cine.dcm").write_bytes(rtdose)
     items = listing.folder_items(str(tmp_path)).items
-    rows = {Path(r["source_uri"]).name: r for r in _decode(items)}
+    rows = {Path(r["_raw_uri"] or r["source_uri"]).name: r for r in _decode(items)}
+    assert rows["cine.dcm"]["source_uri"].startswith("dicom:")  # a DICOM path: a pseudonym
     assert rows["good.png"]["_error_type"] is None
     assert rows["good.png"]["image_id"] == hashlib.sha256(good.read_bytes()).hexdigest()
     assert len(rows["good.png"]["pixels"]) == 16 * 16
@@ -389,7 +391,7 @@ def test_npz_is_streamed_with_labels_and_splits(tmp_path):
     names = listed.label_names
     assert listed.inputs == 705 and not listed.multi_label and listed.has_splits
     assert listed.items.num_rows == 2
-    tables = list(remote.read_npz_member(listed.items))
+    tables = list(npz_source.read_npz_member(listed.items))
     assert [t.num_rows for t in tables] == [5, 512, 188]  # test first (sorted), then chunks
     rows = _decode(pa.concat_tables(tables).to_pylist(), label_names=names)
     assert [r["split"] for r in rows[:5]] == ["test"] * 5
@@ -410,7 +412,7 @@ def test_npz_multi_label(tmp_path):
     listed = npz_source.npz_listing(str(path), None)
     names = listed.label_names
     assert listed.multi_label and names == ["0", "1", "2"]
-    table = pa.concat_tables(list(remote.read_npz_member(listed.items)))
+    table = pa.concat_tables(list(npz_source.read_npz_member(listed.items)))
     rows = _decode(table.to_pylist(), label_names=names, multi_label=True)
     assert [r["labels"] for r in rows] == [["0", "2"], [], ["1"]]
 

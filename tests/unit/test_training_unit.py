@@ -109,6 +109,64 @@ def test_train_step_learns_a_separable_problem():
     assert tr.evaluate(y, scores, ["a", "b"])["mean_auroc"] > 0.9
 
 
+def _pneumonia(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from tests.support.paths import DATA
+
+    d = np.load(DATA)
+    idx = np.random.default_rng(seed).choice(len(d["train_labels"]), n, replace=False)
+    return d["train_images"][idx][..., None], np.eye(2, dtype=np.float32)[
+        d["train_labels"][idx, 0]]
+
+
+def test_precise_batchnorm_makes_inference_match_what_was_trained():
+    """The training defect of issue 15: after training at the default learning rate the BN
+    moving averages lag the weights, so inference-mode features are far from the
+    training-mode (batch statistics) ones the network learned with; re-estimating the
+    statistics on training images brings them together."""
+    import keras
+    import tensorflow as tf
+
+    from medray.workers.models import feature_extractor
+
+    x, y = _pneumonia(1024)
+    model = build_model("small_cnn", 28, 1, 2, False, seed=0, dropout=0.0)
+    opt = keras.optimizers.Adam(2e-3)  # the TrainSpec default
+    opt.build(model.trainable_variables)
+    step = tr.make_train_step(tf.distribute.get_strategy(), model, opt,
+                              tr.make_loss(False, None, None), 64)
+    for i in range(0, 1024, 64):
+        step(x[i:i + 64], y[i:i + 64])
+    feats = feature_extractor(model)
+    probe = x[:512].astype(np.float32)
+
+    def gap() -> float:
+        trained = np.asarray(feats(probe, training=True))  # batch statistics
+        served = np.asarray(feats(probe, training=False))  # moving statistics
+        return float(np.abs(trained - served).mean() / np.abs(trained).mean())
+
+    stale = gap()
+    assert tr.precise_batchnorm(model, [x[:256], x[256:512]]) == 3  # bn0..bn2 at 28 px
+    fresh = gap()
+    assert stale > 0.3 and fresh < 0.05, (stale, fresh)
+    # momentum is back to what training uses
+    assert {b.momentum for b in tr.batchnorm_layers(model)} == {0.99}
+
+
+def test_precise_batchnorm_leaves_frozen_layers_and_empty_input_alone():
+    from medray.workers.models import freeze_backbone
+
+    model = build_model("mobilenet_v2", 32, 1, 2, False, seed=1)
+    layers = tr.batchnorm_layers(model)
+    assert len(layers) > 30  # the nested backbone's BatchNorms are found
+    assert tr.precise_batchnorm(model, []) == 0
+    freeze_backbone(model)
+    assert tr.batchnorm_layers(model) == []
+    before = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1)).astype(np.uint8)
+    assert tr.precise_batchnorm(model, [x]) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+
 def test_optimizer_state_round_trip_gives_the_same_next_step(tmp_path):
     # no dropout: its random stream is not part of a checkpoint (see docs/training.md)
     x, y = _data()
@@ -212,10 +270,12 @@ def test_without_any_finite_auroc_the_last_epoch_is_kept():
 
 
 def test_thresholds_from_validation_and_one_class_fallback():
+    from medray.workers.operating_points import choose, parse, primary_thresholds
+
     y = np.array([[1, 0], [1, 0], [0, 0], [0, 0]], np.float32)
     s = np.array([[0.9, 0.1], [0.6, 0.2], [0.4, 0.3], [0.1, 0.4]], np.float32)
-    th = tr.choose_thresholds(y, s, ["a", "b"])
-    assert th == pytest.approx({"a": 0.6, "b": 0.5})
+    th = primary_thresholds(choose(y, s, ["a", "b"], parse("youden"), "val"))
+    assert th == pytest.approx({"a": 0.5, "b": 0.5})  # midway between 0.6 and 0.4; fallback
 
 
 # ---------------------------------------------------------------------------- cache key, logs
@@ -272,7 +332,12 @@ def test_readers_keep_one_split_with_known_labels(tmp_path):
     assert got == {0: (1.0, 0.0), 1: (0.0, 1.0), 4: (1.0, 1.0)}
     counts = count_rows(lake, {"shards": [{"path": "datasets/d/1/shards/part-00000.parquet"}]},
                         ["a", "b"])
-    assert counts == RowCounts({"train": 3, "val": 1, "test": 1}, {"a": 2, "b": 2})
+    assert counts == RowCounts({"train": 3, "val": 1, "test": 1}, {"a": 2, "b": 2},
+                               {"train": {"a": 2, "b": 2}, "val": {"a": 1, "b": 0},
+                                "test": {"a": 0, "b": 0}})
+    keyed = list(read_images({"path": ["datasets/d/1/shards/part-00000.parquet"]}, lake.uri,
+                             "val", ["a", "b"], True, keys=True))
+    assert keyed[0]["g"].tolist() == ["image:id2"]  # no patient key: the image is its unit
     assert (counts.train, counts.val_split) == (3, "val")
     assert RowCounts({"train": 3, "test": 1}, {}).val_split == "test"
 
@@ -398,3 +463,26 @@ def test_the_plan_travels_whole_to_the_workers():
     assert described == {**spec.model_dump(), "dataset": "d", "dataset_version": 2,
                          "labels": ["a", "b"], "multi_label": True, "image_size": 32,
                          "channels": 1}
+
+
+def test_card_file_gives_the_cards_text_or_names_the_fix(tmp_path):
+    from medray.cluster.train.precheck import card_file
+    from medray.workers.errors import InputError
+    from medray.workers.specs import TrainSpec
+
+    good = tmp_path / "card.yaml"
+    good.write_text("intended_use: Second reader in a study.\nout_of_scope: [Adults, Triage]\n"
+                    "users: researchers\nlimitations: One hospital.\n")
+    spec = TrainSpec(dataset="d", model="m", card_file=str(good))
+    assert card_file(spec) == {"primary": "Second reader in a study.",
+                               "out_of_scope": ["Adults", "Triage"], "users": "researchers",
+                               "limitations": ["One hospital."]}
+    assert card_file(TrainSpec(dataset="d", model="m")) == {}
+    for text, why in (("warranty: none\n", "keys from"), ("- a\n- b\n", "keys from"),
+                      ("limitations: [1, 2]\n", "text or a list"), ("a: [\n", "not YAML")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(InputError, match=why):
+            card_file(TrainSpec(dataset="d", model="m", card_file=str(bad)))
+    with pytest.raises(InputError, match="not found"):
+        card_file(TrainSpec(dataset="d", model="m", card_file=str(tmp_path / "none.yaml")))

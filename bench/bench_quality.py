@@ -1,0 +1,475 @@
+"""Quality benchmark (issue 15): scores a clinician can trust, measured. Figures go into
+BENCHMARKS.md, "## Quality".
+
+Parts:
+- ``defect``: the training defect (validation loss 0.1 <-> 16 while training loss fell) and its
+  fix, per epoch: train loss and validation loss with the old loop (BatchNorm moving
+  averages) and with the fixed one (statistics re-estimated each epoch), at 28 px and at 128 px
+  (the real PneumoniaMNIST images resized). In-process with medray's own workers code (model,
+  loss, distributed step, class weights, ``precise_batchnorm``), for speed.
+- ``variants``: the defaults and the variants tried, in-process at 28 px over the seeds, with
+  the test numbers computed as training and a report would (calibration and the Youden point
+  on validation).
+- ``seeds``: the defaults on PneumoniaMNIST over seeds 0, 1, 2 through the real CLI (stage,
+  train, score the test split, report): test AUROC, test ECE before and after calibration,
+  sensitivity and specificity at the Youden point chosen on validation, with the times.
+- ``xray``: a folder of PNG chest X-rays (``root/<split>/<label>/*.png``, all 5,030
+  PneumoniaMNIST images resized to 128 and 224 px) staged and trained through the CLI with the
+  defaults and the variants tried, to choose defaults for folder-of-X-ray datasets that train
+  well on 2 CPU cores within 30 minutes.
+
+It starts its own local Ray cluster (``--cpus``, default 2) under its own MEDRAY_HOME with a
+local-folder lake.
+
+    .venv/bin/python bench/bench_quality.py                 # everything (about 40 minutes)
+    .venv/bin/python bench/bench_quality.py --only seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchlib import write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
+MEDRAY = str(Path(sys.executable).parent / "medray")
+PARTS = ("defect", "variants", "seeds", "xray")
+LABELS = ["normal", "pneumonia"]
+GOALS = {"auroc": 0.96, "ece": 0.05, "rate": 0.85}
+# in-process variants of the defaults tried at 28 px: (name, TrainSpec fields)
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("defaults", {}), ("--augment", {"augment": True}),
+    ("--learning-rate 1e-3", {"learning_rate": 1e-3}),
+    ("--class-weights none", {"class_weights": "none"}),
+    ("--epochs 20 --patience 6", {"epochs": 20, "patience": 6}))
+# folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
+XRAY_RUNS = (("defaults", 128, ()), ("--augment", 128, ("--augment",)),
+             ("defaults", 224, ()))
+
+
+class RunFailed(Exception):
+    """One CLI run failed; the benchmark records it and goes on with the other parts."""
+
+
+def medray(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float]:
+    started = time.perf_counter()
+    proc = subprocess.run([MEDRAY, *args, "--json"], capture_output=True, text=True, env=env,
+                          check=False)  # noqa: S603 - our own CLI
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        print(f"medray {' '.join(args)} failed:\n{proc.stderr[-4000:]}", flush=True)
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
+        raise RunFailed(f"`medray {args[0]}` exited {proc.returncode}: {reason[:200]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+# ------------------------------------------------------------------------------ the defect
+
+
+def resized(size: int) -> dict[str, np.ndarray]:
+    """PneumoniaMNIST's official splits at ``size`` px (bilinear), one-hot targets."""
+    from PIL import Image
+
+    d = np.load(DATA)
+    out = {}
+    for split in ("train", "val", "test"):
+        x = d[f"{split}_images"]
+        if size != x.shape[1]:
+            x = np.stack([np.asarray(Image.fromarray(im).resize(
+                (size, size), Image.Resampling.BILINEAR)) for im in x])
+        out[f"{split}_x"] = x[..., None].astype(np.uint8)
+        out[f"{split}_y"] = np.eye(2, dtype=np.float32)[d[f"{split}_labels"][:, 0]]
+    return out
+
+
+def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int = 0,
+                     **flags: Any) -> tuple[list[dict[str, float]], Any]:
+    """The training loop of cluster/train/remote.py without Ray, on TrainSpec defaults
+    overridden by ``flags`` (spec fields): per epoch (train loss, validation loss as the loop
+    logs it, validation AUROC), with early stopping on validation AUROC; returns the rows and
+    the model with the best epoch's weights."""
+    import keras
+    import tensorflow as tf
+
+    from medray.workers import training as tr
+    from medray.workers.models import build_model, parse_augment
+    from medray.workers.specs import TrainSpec
+
+    spec = TrainSpec(dataset="d", model="m", seed=seed, **flags)
+    keras.utils.set_random_seed(seed)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    counts = {lab: int(d["train_y"][:, j].sum()) for j, lab in enumerate(LABELS)}
+    pos, neg = tr.class_weights(counts, LABELS, len(d["train_y"]), False) \
+        if spec.class_weights == "auto" else (None, None)
+    plan = tr.plan_batches(len(d["train_y"]), spec.batch_size, 1, tr.local_replicas(strategy))
+    with strategy.scope():
+        model = build_model(spec.arch, size, 1, 2, False, seed=seed,
+                            augment=parse_augment(spec.augment))
+        opt = keras.optimizers.Adam(learning_rate=spec.learning_rate)
+        opt.build(model.trainable_variables)
+        loss_fn = tr.make_loss(False, pos, neg)
+        step = tr.make_train_step(strategy, model, opt, loss_fn, plan.global_batch)
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, float]] = []
+    state = tr.new_state()
+    best = model.get_weights()
+    for epoch in range(1, spec.epochs + 1):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(d["train_y"]))[:plan.steps * plan.global_batch]
+        batches = [order[i:i + plan.global_batch] for i in range(0, len(order),
+                                                                  plan.global_batch)]
+        losses = [float(step(d["train_x"][b], d["train_y"][b])) for b in batches]
+        if fixed:  # what _close_epoch does now: the last BN_IMAGES training images
+            recent = batches[-max(1, tr.BN_IMAGES // plan.global_batch):]
+            tr.precise_batchnorm(model, [d["train_x"][b] for b in recent])
+        scores = tr.predict(model, [d["val_x"][i:i + 256] for i in range(0, len(d["val_x"]),
+                                                                        256)])
+        row = {"epoch": epoch, "loss": float(np.mean(losses)),
+               "val_loss": tr.mean_loss(loss_fn, d["val_y"], scores),
+               "val_mean_auroc": tr.evaluate(d["val_y"], scores, LABELS)["mean_auroc"],
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        improved, stop = tr.end_epoch(state, dict(row), spec.patience, spec.epochs)
+        if improved:
+            best = model.get_weights()
+        print(f"{size}px fixed={fixed} {flags} seed {seed} epoch {epoch}: {json.dumps(row)}",
+              flush=True)
+        if stop:
+            break
+    model.set_weights(best)
+    return rows, model
+
+
+def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What training registers and a report measures, in-process: calibration and the Youden
+    point on validation, then the pneumonia label on test."""
+    from medray.workers import metrics
+    from medray.workers import training as tr
+    from medray.workers.calibration import apply
+    from medray.workers.operating_points import parse
+    from medray.workers.validation import summarise
+
+    def scores(split: str) -> np.ndarray:
+        x = d[f"{split}_x"]
+        return tr.predict(model, [x[i:i + 256] for i in range(0, len(x), 256)])
+
+    val = scores("val")
+    found = summarise(d["val_y"], val, None, LABELS, False, "val", parse("youden"), n_boot=0)
+    temps = [found["calibration"]["temperature"][lab] for lab in LABELS]
+    raw = scores("test")
+    cal = apply(raw, temps, False)[:, 1]
+    y = d["test_y"][:, 1]
+    at = metrics.threshold_metrics(y, cal, found["thresholds"]["pneumonia"])
+    return {"auroc": metrics.auroc(y, cal), "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
+            "ece": metrics.calibration(y, cal)["ece"], "temperature": temps[1],
+            "threshold": found["thresholds"]["pneumonia"], "mean_score": float(cal.mean()),
+            "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+
+def part_defect(out: dict[str, Any]) -> None:
+    """Both loops for the full 12 epochs (no early stop), at 28 and 128 px."""
+    for size in (28, 128):
+        d = resized(size)
+        out[f"defect{size}"] = {
+            "before": train_in_process(d, size, False, patience=100)[0],
+            "after": train_in_process(d, size, True, patience=100)[0]}
+
+
+def part_variants(out: dict[str, Any], seeds: list[int]) -> None:
+    """The defaults and the variants tried, in-process at 28 px, each over ``seeds``."""
+    d = resized(28)
+    for name, flags in VARIANTS:
+        for seed in seeds:
+            started = time.perf_counter()
+            rows, model = train_in_process(d, 28, True, seed, **flags)
+            out.setdefault("variants", {}).setdefault(name, []).append({
+                "seed": seed, "seconds": time.perf_counter() - started,
+                "epochs_run": len(rows), **test_numbers(model, d)})
+
+
+# ------------------------------------------------------------------------------- 3 seeds
+
+
+def report_numbers(lake: Path, run_id: str) -> dict[str, Any]:
+    """The pneumonia label's test numbers from a committed report, plus ECE of the raw
+    (uncalibrated) scores recomputed from the committed predictions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from medray.workers.metrics import calibration
+
+    base = lake / "runs" / run_id
+    per = {r["label"]: r for r in pq.read_table(base / "report" / "per_label_metrics.parquet")
+           .to_pylist()}["pneumonia"]
+    ops = [r for r in pq.read_table(base / "report" / "operating_points.parquet").to_pylist()
+           if r["label"] == "pneumonia" and r["primary"]]
+    marker = json.loads((base / "_COMMITTED.json").read_text())
+    preds = pa.concat_tables([pq.read_table(base / f) for f in marker["files"]])
+    y = np.array(["pneumonia" in t for t in preds.column("true_labels").to_pylist()])
+    raw = preds.column("raw_score_pneumonia").to_numpy().astype(np.float64)
+    return {"auroc": per["auroc"], "auroc_lo": per["auroc_lo"], "auroc_hi": per["auroc_hi"],
+            "ece": per["ece"], "ece_lo": per["ece_lo"], "ece_hi": per["ece_hi"],
+            "ece_raw": calibration(y, raw)["ece"], "threshold": ops[0]["threshold"],
+            "mean_score": per["mean_score"], "prevalence": per["prevalence"],
+            "sensitivity": ops[0]["sensitivity"], "specificity": ops[0]["specificity"]}
+
+
+def part_seeds(env: dict[str, str], lake: Path, out: dict[str, Any], seeds: list[int]) -> None:
+    medray(env, "stage", str(DATA), "--dataset", "pneumonia", "--image-size", "28",
+           "--label-names", "normal,pneumonia", "--lake", str(lake))
+    for seed in seeds:
+        trained, train_wall = medray(env, "train", "--dataset", "pneumonia", "--model",
+                                     f"q{seed}", "--seed", str(seed), "--lake", str(lake))
+        card = json.loads((lake / "models" / f"q{seed}" / "1" / "card.json").read_text())
+        scored, score_wall = medray(env, "score", "--dataset", "pneumonia", "--model",
+                                    f"q{seed}:1", "--split", "test", "--lake", str(lake))
+        _, report_wall = medray(env, "report", scored["run_id"], "--lake", str(lake))
+        out.setdefault("seeds", {})[seed] = {
+            **report_numbers(lake, scored["run_id"]), "train_s": train_wall,
+            "score_s": score_wall, "report_s": report_wall,
+            "best_epoch": card["metrics"]["best_epoch"],
+            "epochs_run": card["metrics"]["epochs_run"],
+            "temperature": card["calibration"]["temperature"]["pneumonia"],
+            "val_ece_before": trained["val_ece_before"],
+            "val_ece_after": trained["val_ece_after"], "history": card["metrics"]["history"]}
+        print(f"seed {seed}: {json.dumps(out['seeds'][seed], default=str)[:600]}", flush=True)
+
+
+# -------------------------------------------------------------------------- folder X-rays
+
+
+def xray_folder(root: Path, size: int) -> Path:
+    """root/<split>/<label>/<n>.png: every PneumoniaMNIST image, resized."""
+    from PIL import Image
+
+    d = resized(size)
+    for split in ("train", "val", "test"):
+        for i, (x, y) in enumerate(zip(d[f"{split}_x"], d[f"{split}_y"], strict=True)):
+            folder = root / split / LABELS[int(y[1])]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[..., 0]).save(folder / f"{split}{i:05d}.png")
+    return root
+
+
+def part_xray(env: dict[str, str], lake: Path, work: Path, out: dict[str, Any]) -> None:
+    staged: dict[int, float] = {}
+    for name, size, flags in XRAY_RUNS:
+        dataset = f"xray{size}"
+        if size not in staged:
+            src = xray_folder(work / dataset, size)
+            _, staged[size] = medray(env, "stage", str(src), "--dataset", dataset,
+                                     "--image-size", str(size), "--lake", str(lake))
+        model = f"x{size}{''.join(f.strip('-')[:3] for f in flags)}"
+        trained, wall = medray(env, "train", "--dataset", dataset, "--model", model, *flags,
+                               "--lake", str(lake))
+        card = json.loads((lake / "models" / model / "1" / "card.json").read_text())
+        scored, _ = medray(env, "score", "--dataset", dataset, "--model", f"{model}:1",
+                           "--split", "test", "--lake", str(lake))
+        medray(env, "report", scored["run_id"], "--lake", str(lake))
+        out.setdefault("xray", []).append({
+            "name": name, "size": size, "flags": " ".join(flags), "train_s": wall,
+            "stage_s": staged[size], "epochs_run": card["metrics"]["epochs_run"],
+            "best_epoch": card["metrics"]["best_epoch"],
+            "epoch_s": float(np.median([h["seconds"] for h in card["metrics"]["history"]])),
+            "history": card["metrics"]["history"], **report_numbers(lake, scored["run_id"])})
+        print(f"xray {name} {size}: {json.dumps(out['xray'][-1], default=str)[:600]}",
+              flush=True)
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else \
+        f"{v:.{digits}f}"
+
+
+def _epochs_table(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[str]:
+    lines = ["| epoch | train loss (old loop) | val loss (old loop) | train loss (fixed) | "
+             "val loss (fixed) | val AUROC (old / fixed) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for b, a in zip(before, after, strict=True):
+        lines.append(f"| {b['epoch']} | {_f(b['loss'])} | {_f(b['val_loss'])} | "
+                     f"{_f(a['loss'])} | {_f(a['val_loss'])} | {_f(b['val_mean_auroc'])} / "
+                     f"{_f(a['val_mean_auroc'])} |")
+    return lines
+
+
+def _spread(values: list[float]) -> str:
+    return f"{np.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def report(args: argparse.Namespace, out: dict[str, Any], failed: dict[str, str],
+           load: list[float]) -> str:
+    cmd = ".venv/bin/python bench/bench_quality.py" + (
+        f" --only {args.only}" if args.only != ",".join(PARTS) else "")
+    if args.results:
+        done = [k for k in PARTS if any(key.startswith(k) for key in out)]
+        cmd = (".venv/bin/python bench/bench_quality.py --only PARTS --results "
+               f"{args.results.name}` with PARTS {' then '.join(done)} (the machine is shared: "
+               "one lock sitting each); all at once: `.venv/bin/python bench/bench_quality.py")
+    lines = ["## Quality", "",
+             f"Command: `{cmd}` (bench/bench_quality.py). Machine: {platform.machine()}, "
+             f"{os.cpu_count()} cores, no GPU; local Ray cluster with {args.cpus} CPUs, "
+             f"local-folder lake; 1-minute load average {min(load or [0]):.1f}-"
+             f"{max(load or [0]):.1f} (shared machine: times are upper bounds).", ""]
+    for part, why in failed.items():
+        lines += [f"Part `{part}` did not finish: {why}.", ""]
+    for size in (28, 128):
+        d = out.get(f"defect{size}")
+        if d:
+            lines += [f"Training defect at {size} px (PneumoniaMNIST"
+                      f"{', resized from 28 px' if size != 28 else ''}; TrainSpec defaults, "
+                      "seed 0, in-process with medray's workers code). Old loop: inference "
+                      "with BatchNorm moving averages; fixed: statistics re-estimated on the "
+                      "epoch's last 1,024 training images before validating. Validation loss "
+                      "is the class-weighted loss the loop logs:", "",
+                      *_epochs_table(d["before"], d["after"]), ""]
+    variants = out.get("variants")
+    if variants:
+        lines += ["Defaults and variants tried (in-process, medray's training loop with the fix, "
+                  "early stopping, calibration and the Youden point on validation; seeds "
+                  f"{args.seeds}; PneumoniaMNIST 28 px, test split); median (min-max) over "
+                  "seeds:", "",
+                  "| settings | test AUROC | test ECE raw | test ECE calibrated | sensitivity "
+                  "| specificity | mean calibrated score (test prevalence 0.625) | s per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, runs in variants.items():
+            def col(key: str, runs: list[dict[str, Any]] = runs) -> str:
+                return _spread([r[key] for r in runs])
+            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {col('ece')} | "
+                         f"{col('sensitivity')} | {col('specificity')} | {col('mean_score')} | "
+                         f"{np.median([r['seconds'] for r in runs]):.0f} |")
+        lines.append("")
+    seeds = out.get("seeds")
+    if seeds:
+        rows = list(seeds.values())
+        lines += ["Defaults on PneumoniaMNIST through the CLI (`medray stage "
+                  "../shared/data/pneumoniamnist.npz --dataset pneumonia --image-size 28 "
+                  "--label-names normal,pneumonia`; `medray train --dataset pneumonia --model "
+                  "qS --seed S`; `medray score ... --split test`; `medray report RUN`). Test "
+                  "split 624 images; 95% intervals resample images (no patient key in the "
+                  ".npz); sensitivity and specificity at the Youden point chosen on "
+                  "validation's calibrated scores:", "",
+                  "| seed | test AUROC (CI) | test ECE raw | test ECE calibrated (CI) | T | "
+                  "mean score / prevalence | threshold | sensitivity | specificity | "
+                  "best / run epochs | train s | score s | report s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+                  "--- |"]
+        for seed, r in seeds.items():
+            lines.append(
+                f"| {seed} | {_f(r['auroc'])} ({_f(r['auroc_lo'])}-{_f(r['auroc_hi'])}) | "
+                f"{_f(r['ece_raw'])} | {_f(r['ece'])} ({_f(r['ece_lo'])}-{_f(r['ece_hi'])}) | "
+                f"{_f(r['temperature'], 2)} | {_f(r['mean_score'])} / {_f(r['prevalence'])} | "
+                f"{_f(r['threshold'], 4)} | "
+                f"{_f(r['sensitivity'])} | {_f(r['specificity'])} | {r['best_epoch']} / "
+                f"{r['epochs_run']} | {r['train_s']:.0f} | {r['score_s']:.0f} | "
+                f"{r['report_s']:.0f} |")
+        auroc = [r["auroc"] for r in rows]
+        ece = [r["ece"] for r in rows]
+        sens = [r["sensitivity"] for r in rows]
+        spec = [r["specificity"] for r in rows]
+        lines += ["", "| goal (issue 15) | median (min-max) over seeds | |",
+                  "| --- | --- | --- |",
+                  f"| test AUROC >= {GOALS['auroc']} | {_spread(auroc)} | "
+                  f"{'met' if np.median(auroc) >= GOALS['auroc'] else 'not met'} |",
+                  f"| test ECE after calibration <= {GOALS['ece']} | {_spread(ece)} | "
+                  f"{'met' if np.median(ece) <= GOALS['ece'] else 'not met'} |",
+                  f"| sensitivity at the Youden point >= {GOALS['rate']} | {_spread(sens)} | "
+                  f"{'met' if np.median(sens) >= GOALS['rate'] else 'not met'} |",
+                  f"| specificity at the Youden point >= {GOALS['rate']} | {_spread(spec)} | "
+                  f"{'met' if np.median(spec) >= GOALS['rate'] else 'not met'} |", ""]
+        first = rows[0]["history"]
+        lines += ["Per epoch through `medray train` (seed 0, from the card's history): "
+                  + "; ".join(f"{h['epoch']}: {_f(h['loss'])} / {_f(h.get('val_loss'))}"
+                              for h in first) + " (train / validation loss).", ""]
+    xray = out.get("xray")
+    if xray:
+        lines += ["Folder of X-rays (`root/<split>/<label>/*.png`, all 5,030 PneumoniaMNIST "
+                  "images resized, official splits: 3,882 train), staged and trained through "
+                  "the CLI; test split 624 images:", "",
+                  "| settings | px | stage s | train s | epochs (best / run) | median epoch s "
+                  "| test AUROC | test ECE | sensitivity | specificity |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in xray:
+            lines.append(f"| {r['name']} | {r['size']} | {r['stage_s']:.0f} | "
+                         f"{r['train_s']:.0f} | {r['best_epoch']} / {r['epochs_run']} | "
+                         f"{r['epoch_s']:.1f} | {_f(r['auroc'])} | {_f(r['ece'])} | "
+                         f"{_f(r['sensitivity'])} | {_f(r['specificity'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="JSON file of earlier parts' results: merged, then rewritten (run "
+                        "the parts in separate sittings, write the section once)")
+    args = parser.parse_args()
+    parts = [p for p in PARTS if p in args.only.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="medray-bench-quality-"))
+    home, lake = work / "home", work / "lake"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k not in ("MEDRAY_LAKE", "RAY_ADDRESS",
+                                                      "MEDRAY_FAULT")}
+    env.update({"MEDRAY_HOME": str(home), "AWS_EC2_METADATA_DISABLED": "true",
+                "TF_CPP_MIN_LOG_LEVEL": "2"})
+    os.environ.update({"MEDRAY_HOME": str(home)})
+    from medray.cluster.infra import ray_local
+
+    out: dict[str, Any] = {}
+    if args.results and args.results.exists():
+        out.update(json.loads(args.results.read_text()))
+    failed: dict[str, str] = {}
+    load: list[float] = list(out.pop("_load", []))
+    try:
+        if "defect" in parts:
+            load.append(os.getloadavg()[0])
+            part_defect(out)
+        if "variants" in parts:
+            load.append(os.getloadavg()[0])
+            part_variants(out, [int(s) for s in args.seeds.split(",")])
+        if {"seeds", "xray"} & set(parts):
+            ray_local.up(num_cpus=args.cpus, dashboard_port=None)
+        for part in ("seeds", "xray"):
+            if part not in parts:
+                continue
+            load.append(os.getloadavg()[0])
+            try:
+                if part == "seeds":
+                    part_seeds(env, lake, out, [int(s) for s in args.seeds.split(",")])
+                else:
+                    part_xray(env, lake, work, out)
+            except RunFailed as exc:
+                failed[part] = str(exc)
+            load.append(os.getloadavg()[0])
+    finally:
+        if {"seeds", "xray"} & set(parts):
+            ray_local.down()
+        saved = json.dumps({**out, "_load": load}, default=str)
+        (args.results or work.parent / f"{work.name}.json").write_text(saved)
+        shutil.rmtree(work, ignore_errors=True)
+    text = report(args, out, failed, load)
+    print(text)
+    if not args.no_write:
+        write_section("Quality", text)
+
+
+if __name__ == "__main__":
+    main()
