@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from medray.jobs.cli_manage import GROUPS
+from medray.jobs.cli_manage import COMMANDS, GROUPS
 from medray.jobs.flags import ADDRESS, JSON, LAKE, WAIT, given, spec_argument, spec_option
 from medray.jobs.output import call, emit, table
 from medray.workers.specs import ReportSpec, ScoreSpec, StageSpec, TrainSpec
@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 for _name, _group in GROUPS.items():
     app.add_typer(_group, name=_name)
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 
 # the metrics a report prints, in this order, where any label has them
 _REPORT_COLUMNS = (

@@ -349,10 +349,6 @@ def models_promote(
 
 
 # ---------------------------------------------------------------- doctor
-doctor_app = typer.Typer(invoke_without_command=True)
-
-
-@doctor_app.callback()
 def doctor(lake: str = LAKE, address: str = ADDRESS, as_json: bool = JSON) -> None:
     """Check the lake, credentials, cluster, GPUs and spill disk; name each fix.
 
@@ -368,4 +364,5 @@ def doctor(lake: str = LAKE, address: str = ADDRESS, as_json: bool = JSON) -> No
     raise typer.Exit(0 if report["ok"] else 1)
 
 
-GROUPS["doctor"] = doctor_app
+# commands of their own (no group), registered on the app by the CLI module
+COMMANDS = {"doctor": doctor}

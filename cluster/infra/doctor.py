@@ -93,7 +93,7 @@ def credentials_source(uri: str) -> Check:
     if urlparse(uri).scheme != "s3":
         return Check("credentials", True, "none needed: the lake is a local folder")
     if env.get(env.AWS_ACCESS_KEY_ID):
-        if not env.get("AWS_SECRET_ACCESS_KEY"):
+        if not env.get(env.AWS_SECRET_ACCESS_KEY):
             return Check(
                 "credentials",
                 False,
@@ -113,13 +113,13 @@ def credentials_source(uri: str) -> Check:
             f"the embedded lake's key file {path} is missing",
             "`medray lake down` then `medray lake up` (writes new keys)",
         )
-    shared = Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials")
+    shared = Path(env.get(env.AWS_SHARED_CREDENTIALS_FILE) or Path.home() / ".aws" / "credentials")
     if shared.is_file():
-        profile = env.get("AWS_PROFILE", "default")
+        profile = env.get(env.AWS_PROFILE, "default")
         return Check("credentials", True, f"the AWS credentials file {shared} (profile {profile})")
-    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    if env.get(env.AWS_WEB_IDENTITY_TOKEN_FILE) or env.get(env.AWS_CONTAINER_CREDENTIALS_FULL_URI):
         return Check("credentials", True, "the AWS chain (web identity / container role)")
-    if not endpoint and env.get("AWS_EC2_METADATA_DISABLED").lower() != "true":
+    if not endpoint and env.get(env.AWS_EC2_METADATA_DISABLED).lower() != "true":
         return Check("credentials", True, "the AWS chain (instance role; the lake check tries it)")
     return Check(
         "credentials",
@@ -193,9 +193,9 @@ def check_lake(uri: str) -> Check:
 # cluster -----------------------------------------------------------------------------------
 def _token(address: str | None) -> str | None:
     """The Ray auth token this client would send (never printed)."""
-    if env.get("RAY_AUTH_TOKEN"):
-        return env.get("RAY_AUTH_TOKEN")
-    paths = [env.get("RAY_AUTH_TOKEN_PATH")]
+    if env.get(env.RAY_AUTH_TOKEN):
+        return env.get(env.RAY_AUTH_TOKEN)
+    paths = [env.get(env.RAY_AUTH_TOKEN_PATH)]
     if ray_local.is_local(address):
         paths.append(str(ray_local.token_path()))
     paths.append(str(Path.home() / ".ray" / "auth_token"))

@@ -28,6 +28,14 @@ AWS_REGION = "AWS_REGION"
 AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # set: use the AWS chain, not the embedded lake's keys
 RAY_JOB_STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"  # set on every job: Ray's SIGTERM-to-SIGKILL wait
+RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"  # Ray's token itself, or
+RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"  # a file holding it
+AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"  # never printed: `medray doctor` says only "set"
+AWS_SHARED_CREDENTIALS_FILE = "AWS_SHARED_CREDENTIALS_FILE"
+AWS_PROFILE = "AWS_PROFILE"
+AWS_WEB_IDENTITY_TOKEN_FILE = "AWS_WEB_IDENTITY_TOKEN_FILE"  # IRSA / OIDC on Kubernetes
+AWS_CONTAINER_CREDENTIALS_FULL_URI = "AWS_CONTAINER_CREDENTIALS_FULL_URI"  # ECS/EKS pod identity
+AWS_EC2_METADATA_DISABLED = "AWS_EC2_METADATA_DISABLED"
 
 # What a job needs from the submitting environment. Nothing secret: credentials are found on
 # the nodes themselves (AWS chain, MEDRAY_HOME files), never sent through job submission.

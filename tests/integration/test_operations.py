@@ -151,7 +151,7 @@ def test_three_node_cluster_spreads_actors_and_history_survives_restart(three_no
     assert scored["job_id"] in ids and ids[scored["job_id"]]["status"] == "SUCCEEDED"
     assert {r["kind"] for r in rows} >= {"stage", "score"}
     live = run_cli("jobs", "status", scored["job_id"], env=env, check=False)
-    assert live.returncode != 0  # the new head does not know it; only the lake does
+    assert live.returncode == 2  # the new head does not know it; only the lake does
     only = cli_json("jobs", "list", "--lake", lake, "--kind", "score", "--dataset", "spread:1",
                     "--model", "tiny", env=env)
     assert [r["job_id"] for r in only] == [scored["job_id"]]

@@ -202,7 +202,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(lake, pneu):
     assert lk.list_dirs("models/res") == ["_training"]  # no version registered
 
     again = run_cli(*args, check=False)  # same id without --resume: refused, not overwritten
-    assert again.returncode != 0 and "add --resume" in again.stderr
+    assert again.returncode == 2 and "add --resume" in again.stderr
 
     resumed = run_cli(*args, "--resume", "--json")
     res = json.loads(resumed.stdout.strip().splitlines()[-1])
@@ -302,7 +302,7 @@ def test_initial_weights_come_from_a_keras_file(lake, pneu, tmp_path):
 def test_weights_file_that_does_not_exist_is_bad_input(lake, pneu):
     proc = run_cli("train", "--dataset", "pneu", "--model", "nofile", "--weights",
                    "nowhere/start.keras", "--lake", lake, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "no such file here or in the lake" in proc.stderr
 
 
