@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.medray-installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-unit test-integration test-e2e test-faults test-security lint \
-	typecheck bench bench-score bench-stage bench-train clean browser
+	typecheck bench bench-score bench-stage bench-train bench-startup clean browser pacs
 
 setup: $(STAMP)
 
@@ -46,12 +46,23 @@ bench-stage: setup
 bench-train: setup
 	$(BIN)/python bench/bench_train.py
 
+bench-startup: setup
+	$(BIN)/python bench/bench_startup.py
+
 # Headless Chromium for the test that renders the HTML report (skipped when absent).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed: the HTML rendering test will be skipped"; fi; }
+
+# Orthanc with its DICOMweb plugin for the PACS tests (tests/integration/test_pacs.py); without
+# it they skip, except under CI (the CI variable set), where they fail.
+pacs:
+	@{ command -v Orthanc >/dev/null 2>&1 && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null; \
+	  else echo "orthanc not installed: the PACS tests will be skipped"; fi; }
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -209,15 +209,15 @@ def model_alone(model_path: str, images: np.ndarray, batch: int) -> dict[str, fl
 
 # ---------------------------------------------------------------------------- (b)
 def medray_score(dataset: str, model: str, lake: Path, env: dict[str, str], temp_dir: str,
-                 actors: int, cpus: float, batch: int) -> dict[str, Any]:
+                 tuning: list[str]) -> dict[str, Any]:
     proc, wall, stats = run_sampled(
         [MEDRAY, "score", "--dataset", dataset, "--model", model, "--lake", str(lake),
-         "--actors", str(actors), "--cpus-per-actor", f"{cpus:g}", "--batch-size", str(batch),
-         "--json"], env, temp_dir)
+         *tuning, "--json"], env, temp_dir)
     if proc.returncode != 0:
         raise SystemExit(f"medray score failed:\n{proc.stderr[-4000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"images": res["images"], "wall_s": wall, "job_s": res.get("seconds"), **stats}
+    return {"images": res["images"], "wall_s": wall, "job_s": res.get("seconds"),
+            "sizing": res.get("sizing"), **stats}
 
 
 # ---------------------------------------------------------------------------- (c)
@@ -305,6 +305,21 @@ def fit(small: dict[str, Any], large: dict[str, Any], key: str = "wall_s"
     return small[key] - small["images"] * per, per
 
 
+def tuning(args: argparse.Namespace) -> list[str]:
+    """(b)'s tuning flags: none (medray sizes its pool) unless --tuned."""
+    if not args.tuned:
+        return []
+    return ["--actors", "1", "--cpus-per-actor", str(args.cpus), "--batch-size",
+            str(args.batch_size)]
+
+
+def _sizing_text(sizing: dict[str, Any] | None) -> str:
+    if not sizing:
+        return "not reported"
+    return (f"{sizing['actors']} actor(s) x {sizing['cpus_per_actor']:g} CPUs, "
+            f"{sizing['threads']} threads, batch {sizing['batch_size']}")
+
+
 def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: str) -> str:
     s, big = r["b"]
     cs, cl = r["c"]
@@ -338,8 +353,10 @@ def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: 
         "Model: MobileNetV2 from keras.applications, weights=None (no download; same speed "
         f"as ImageNet weights), {args.image_size} px gray (repeated to RGB inside the model), "
         f"2 labels, float32, batch {args.batch_size}. Images: 2x2 tiles of PneumoniaMNIST, "
-        "flipped, with noise (seed 0). (b): `medray score --actors 1 --cpus-per-actor "
-        f"{args.cpus}` (TensorFlow limited to those CPUs); (c): one actor with Ray's default "
+        f"flipped, with noise (seed 0). (b): `medray score {' '.join(tuning(args))}`"
+        + (" (no tuning flag: the pool is sized by medray, chosen: "
+           f"{_sizing_text(s.get('sizing'))})" if not args.tuned else "")
+        + "; (c): one actor with Ray's default "
         "1 CPU (TensorFlow unlimited), read tasks beside it. Ray workers run at nice 0 like "
         "(a) and (d) (`RAY_worker_niceness=0`; Ray's default 15 starves them beside other "
         "work).", "",
@@ -391,6 +408,9 @@ def main() -> None:
     parser.add_argument("--per-image", type=int, default=10, help="sample size for (d)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--tuned", action="store_true",
+                        help="(b) with hand-picked flags (--actors 1 --cpus-per-actor CPUS "
+                        "--batch-size B) instead of medray's defaults")
     args = parser.parse_args()
     small, large = (int(s) for s in args.sizes.split(","))
     work = Path(tempfile.mkdtemp(prefix="medray-bench-score-"))
@@ -452,8 +472,8 @@ def main() -> None:
         note(f"(a) {results['a']}")
         results["b"] = []
         for n in (small, large):
-            run = medray_score(f"bench{n}", model_ref, lake, env, info["temp_dir"], 1,
-                               args.cpus, args.batch_size)
+            run = medray_score(f"bench{n}", model_ref, lake, env, info["temp_dir"],
+                               tuning(args))
             results["b"].append(run)
             note(f"(b) {n}: {run}")
         results["c"] = []
@@ -473,10 +493,11 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    default = args.sizes == "2000,20000" and args.image_size == 128 and args.per_image == 10
+    default = args.sizes == "2000,20000" and args.image_size == 128 and args.per_image == 10 \
+        and not args.tuned
     cmd = "make bench-score" if default else (
         f".venv/bin/python bench/bench_score.py --sizes {args.sizes} --image-size "
-        f"{args.image_size} --per-image {args.per_image}")
+        f"{args.image_size} --per-image {args.per_image}" + (" --tuned" if args.tuned else ""))
     text = report(args, results, load, cmd)
     print(text)
     if not args.no_write:

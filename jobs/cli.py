@@ -13,9 +13,18 @@ from typing import Any
 import typer
 
 from medray.jobs.cli_manage import COMMANDS, GROUPS
-from medray.jobs.flags import ADDRESS, JSON, LAKE, WAIT, given, spec_argument, spec_option
-from medray.jobs.output import call, emit, table
-from medray.workers.specs import ReportSpec, ScoreSpec, StageSpec, TrainSpec
+from medray.jobs.flags import (
+    ADDRESS,
+    JSON,
+    LAKE,
+    VERBOSE,
+    WAIT,
+    given,
+    spec_argument,
+    spec_option,
+)
+from medray.jobs.output import call, emit, open_in_browser, seconds, summary, table
+from medray.workers.specs import PublishSpec, ReportSpec, ScoreSpec, StageSpec, TrainSpec
 
 app = typer.Typer(
     help="Distributed batch scoring and retraining for medical images on Ray.",
@@ -43,10 +52,39 @@ _REPORT_COLUMNS = (
 )
 
 
-def _submit(kind: str, values: dict[str, Any], address: str | None, wait: bool) -> dict[str, Any]:
-    from medray.jobs import sdk
+def _submit(kind: str, values: dict[str, Any], address: str | None, wait: bool,
+            verbose: bool = False) -> dict[str, Any]:
+    """Submit through the SDK; while it waits, the job's progress events are drawn on stderr
+    (its full log too with ``--verbose``), and the bars end before any error is printed."""
+    from medray.jobs import progress, sdk
 
-    return call(lambda: sdk.submit(kind, values, address=address, wait=wait, on_log=sdk.stderr_log))
+    follow = progress.follower(verbose) if wait else None
+
+    def run() -> dict[str, Any]:
+        try:
+            return sdk.submit(kind, values, address=address, wait=wait, on_log=follow)
+        finally:
+            if follow is not None:
+                follow.close()
+
+    return call(run)
+
+
+def _early(res: dict[str, Any], as_json: bool) -> None:
+    """What a job command prints instead of its summary: ``--json``'s one line, or what
+    ``--no-wait`` submitted."""
+    if as_json:
+        emit(res, True)
+    else:
+        _submitted(res)
+
+
+def _submitted(res: dict[str, Any]) -> None:
+    """``--no-wait`` for people: the job id, the ids the job will use, how to follow it."""
+    job = res.get("job_id")
+    summary(f"submitted {job}", [(k.replace("_", " "), v) for k, v in res.items()
+                                 if k not in ("job_id",)],
+            next_steps=[f"medray jobs logs {job} --follow", f"medray jobs show {job}"])
 
 
 def _local_path(value: str) -> str:
@@ -79,6 +117,7 @@ def stage(
     no_finding: str = spec_option(StageSpec, "no_finding"),
     patient_column: str = spec_option(StageSpec, "patient_column"),
     images_root: str = spec_option(StageSpec, "images_root"),
+    attributes: str = spec_option(StageSpec, "attributes"),
     split_column: str = spec_option(StageSpec, "split_column"),
     max_pixels: int = spec_option(StageSpec, "max_pixels"),
     retain: list[str] = spec_option(StageSpec, "retain"),
@@ -86,10 +125,16 @@ def stage(
     allow_burned_in: bool = spec_option(StageSpec, "allow_burned_in"),
     reuse: bool = spec_option(StageSpec, "reuse"),
     linkage: str = spec_option(StageSpec, "linkage"),
+    study_date: str = spec_option(StageSpec, "study_date"),
+    modality: str = spec_option(StageSpec, "modality"),
+    since_last: bool = spec_option(StageSpec, "since_last"),
+    qido: list[str] = spec_option(StageSpec, "qido"),
+    auth_file: str = spec_option(StageSpec, "auth_file"),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
     as_json: bool = JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Stage images into a new dataset version (shards + manifest) in the lake."""
     values = given(ctx, StageSpec)
@@ -98,19 +143,25 @@ def stage(
         values["label_names"] = names.split(",")
     if "://" not in source and Path(source).exists():
         values["source"] = _local_path(source)
-    for key in ("images_root", "linkage"):
+    for key in ("images_root", "linkage", "auth_file"):
         path = values.get(key)
         if path and "://" not in path:
             values[key] = _local_path(path)
-    res = _submit("stage", values, address, wait)
-    emit(
-        res,
-        as_json,
-        None
-        if not wait
-        else f"staged {res.get('dataset')}:{res.get('version')}: {res.get('images')} images, "
-        f"{res.get('duplicates', 0)} duplicates, {res.get('errors')} errors -> {res.get('uri')}",
-    )
+    res = _submit("stage", values, address, wait, verbose)
+    if as_json or not wait:
+        _early(res, as_json)
+        return
+    if res.get("nothing_new"):  # --since-last on a quiet night: no version was made
+        summary(f"nothing new for {res.get('dataset')} since its last version", [])
+        return
+    ref = f"{res.get('dataset')}:{res.get('version')}"
+    summary(f"staged {ref}", [
+        ("images", res.get("images")), ("new", res.get("new_images")),
+        ("reused", res.get("reused_images")), ("duplicates", res.get("duplicates")),
+        ("errors", res.get("errors")), ("files read", res.get("files")),
+        ("shards", res.get("shards")), ("time", seconds(res.get("seconds"))),
+    ], [("data", res.get("uri")), ("errors", res.get("errors_uri"))],
+        [f"medray train --dataset {ref} --model MODEL", f"medray datasets show {ref}"])
 
 
 @app.command()
@@ -142,6 +193,7 @@ def train(
     address: str = ADDRESS,
     wait: bool = WAIT,
     as_json: bool = JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Train on Ray Train (TensorFlow, MultiWorkerMirroredStrategy); registers a model version."""
     values = given(ctx, TrainSpec)
@@ -149,20 +201,21 @@ def train(
         local = values.get(key)
         if local and Path(local).exists():
             values[key] = _local_path(local)
-    res = _submit("train", values, address, wait)
-    auc = (res.get("metrics") or {}).get("val_mean_auroc")
-    ece = ""
-    if res.get("val_ece_before") is not None:
-        ece = (f", validation ECE {res['val_ece_before']:.4f} before calibration, "
-               f"{res['val_ece_after']:.4f} after")
-    emit(
-        res,
-        as_json,
-        None
-        if not wait
-        else f"registered {res.get('model')}:{res.get('version')} (validation mean AUROC "
-        f"{auc if auc is None else round(auc, 4)}{ece}) -> {res.get('uri')}",
-    )
+    res = _submit("train", values, address, wait, verbose)
+    if as_json or not wait:
+        _early(res, as_json)
+        return
+    metrics = res.get("metrics") or {}
+    ref = f"{res.get('model')}:{res.get('version')}"
+    summary(f"registered {ref}", [
+        ("training id", res.get("training_id")),
+        ("validation mean AUROC", metrics.get("val_mean_auroc")),
+        ("best epoch", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')}"),
+        ("validation ECE before calibration", res.get("val_ece_before")),
+        ("validation ECE after calibration", res.get("val_ece_after")),
+    ], [("model", res.get("uri"))],
+        [f"medray score --dataset {dataset} --model {ref} --split test",
+         f"medray models show {ref}"])
 
 
 @app.command()
@@ -181,22 +234,83 @@ def score(
     retry_failed: str = spec_option(ScoreSpec, "retry_failed"),
     mixed_precision: bool = spec_option(ScoreSpec, "mixed_precision"),
     partition_by: str = spec_option(ScoreSpec, "partition_by"),
+    publish_to: str = typer.Option(
+        None, "--publish-to", help="Then publish the run's SRs there: " +
+        str(PublishSpec.model_fields["to"].description)),
+    publish_auth_file: str = typer.Option(
+        None, "--publish-auth-file", help="For --publish-to: " +
+        str(PublishSpec.model_fields["auth_file"].description)),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
     as_json: bool = JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
     """Score a dataset with a model version into a committed run of prediction tables."""
-    res = _submit("score", given(ctx, ScoreSpec), address, wait)
-    emit(
-        res,
-        as_json,
-        None
-        if not wait
-        else f"run {res.get('run_id')}: {res.get('images')} images scored, {res.get('errors')} "
-        f"errors\npredictions: {res.get('predictions_uri')}\nerrors:      "
-        f"{res.get('errors_uri')}",
-    )
+    publish: dict[str, Any] | None = None
+    if publish_to:  # checked before scoring: a bad target costs no score job
+        publish = {"to": publish_to, "lake": lake,
+                   "auth_file": _local_path(publish_auth_file) if publish_auth_file else None}
+        call(lambda: _check_publish(publish, wait))
+    res = _submit("score", given(ctx, ScoreSpec), address, wait, verbose)
+    if publish is not None:
+        res["published"] = _submit("publish", {**publish, "run_id": res["run_id"]}, address,
+                                   True, verbose)
+    if as_json or not wait:
+        _early(res, as_json)
+        return
+    summary(f"run {res.get('run_id')}", [
+        ("images scored", res.get("images")), ("errors", res.get("errors")),
+        ("model", f"{res.get('model')}:{res.get('model_version')}"),
+        ("dataset", f"{res.get('dataset')}:{res.get('dataset_version')}"),
+        ("shards", res.get("shards")), ("shards from earlier attempts", res.get("resumed_shards")
+                                        or None),
+        ("device", res.get("device")), ("time", seconds(res.get("seconds"))),
+        ("SRs published", (res.get("published") or {}).get("published")),
+    ], [("predictions", res.get("predictions_uri")), ("errors", res.get("errors_uri")),
+        ("committed files", res.get("commit_uri"))],
+        [f"medray report {res.get('run_id')}"])
+
+
+def _check_publish(values: dict[str, Any], wait: bool) -> None:
+    from medray.workers.errors import ConfigError
+    from medray.workers.specs import build_spec
+
+    if not wait:
+        raise ConfigError("--publish-to publishes once the run is committed: drop --no-wait, "
+                          "or run `medray publish RUN_ID --to ...` later")
+    build_spec("publish", {**values, "run_id": "check"})
+
+
+@app.command()
+def publish(
+    ctx: typer.Context,
+    run_id: str = spec_argument(PublishSpec, "run_id"),
+    to: str = spec_option(PublishSpec, "to"),
+    auth_file: str = spec_option(PublishSpec, "auth_file"),
+    linkage: str = spec_option(PublishSpec, "linkage"),
+    batch: int = spec_option(PublishSpec, "batch"),
+    lake: str = LAKE,
+    address: str = ADDRESS,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+    verbose: bool = VERBOSE,
+) -> None:
+    """Store a scored run's results in a PACS: one DICOM SR per instance (docs/pacs.md)."""
+    values = given(ctx, PublishSpec)
+    for key in ("auth_file", "linkage"):
+        path = values.get(key)
+        if path and "://" not in path:
+            values[key] = _local_path(path)
+    res = _submit("publish", values, address, wait, verbose)
+    if as_json or not wait:
+        _early(res, as_json)
+        return
+    summary(f"published run {res.get('run_id')}", [
+        ("SRs stored", res.get("published")), ("scored instances", res.get("instances")),
+        ("rows not staged from DICOMweb", res.get("not_from_dicomweb")),
+        ("model", f"{res.get('model')}:{res.get('model_version')}"),
+    ], [("PACS", res.get("to"))], [])
 
 
 @app.command()
@@ -210,27 +324,54 @@ def report(
     drift_psi: float = spec_option(ReportSpec, "drift_psi"),
     heatmap_layer: str = spec_option(ReportSpec, "heatmap_layer"),
     subgroups: str = spec_option(ReportSpec, "subgroups"),
+    output: Path = typer.Option(
+        None, "--output", "-o", file_okay=False,
+        help="Folder for the local copy of the HTML report and its images "
+        "(default: MEDRAY_HOME/reports/RUN_ID).",
+    ),
+    open_report: bool = typer.Option(
+        False, "--open", help="Open the local report in the default browser, if there is one."
+    ),
     lake: str = LAKE,
     address: str = ADDRESS,
     wait: bool = WAIT,
     as_json: bool = JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
-    """Metrics for a run: per-label AUROC and more, as Parquet tables and a terminal table."""
-    res = _submit("report", given(ctx, ReportSpec), address, wait)
+    """Metrics for a run: per-label AUROC and more, as Parquet tables, a terminal table and an
+    HTML report, copied to a local folder (even from an S3 lake) that a browser opens."""
+    from medray.jobs import sdk
+
+    res = _submit("report", given(ctx, ReportSpec), address, wait, verbose)
+    if wait:
+        page = call(lambda: sdk.report_copy(run_id, lake, output))
+        res["html_file"], res["html_url"] = str(page), page.as_uri()
     if as_json or not wait:
-        emit(res, as_json)
+        _early(res, as_json)
+        if wait and open_report:
+            _open(page)
         return
     rows = [{"label": k, **v} for k, v in (res.get("metrics") or {}).items()]
     typer.echo(table(rows, [c for c in _REPORT_COLUMNS if any(c in r for r in rows)]))
-    summary = res.get("summary") or {}
-    if summary.get("heatmaps_note"):
-        typer.echo(summary["heatmaps_note"])
-    if summary.get("flagged_gaps"):
-        typer.echo(f"subgroup gaps whose 95% interval excludes zero: {summary['flagged_gaps']} "
+    about = res.get("summary") or {}
+    if about.get("heatmaps_note"):
+        typer.echo(about["heatmaps_note"])
+    if about.get("flagged_gaps"):
+        typer.echo(f"subgroup gaps whose 95% interval excludes zero: {about['flagged_gaps']} "
                    "(see the report's Subgroups section)")
-    typer.echo(f"report: {res.get('report_uri')}")
-    if res.get("html_uri"):
-        typer.echo(f"html:   {res.get('html_uri')}")
+    typer.echo()
+    summary(f"report {run_id}", [], [
+        ("report", res["html_url"]), ("in the lake", res.get("html_uri")),
+        ("tables", res.get("report_uri"))],
+        [] if open_report else [f"medray report {run_id} --open   (or open the file:// link)"])
+    if open_report:
+        _open(page)
+
+
+def _open(page: Path) -> None:
+    why = open_in_browser(page)
+    if why:  # not an error: the path is printed, any browser opens it
+        typer.echo(f"not opened ({why}): {page.as_uri()}", err=True)
 
 
 @app.command()
@@ -241,12 +382,13 @@ def submit(
     address: str = ADDRESS,
     wait: bool = WAIT,
     as_json: bool = JSON,
+    verbose: bool = VERBOSE,
 ) -> None:
-    """Submit a YAML job spec (kind: stage|train|score|report); CLI > env > spec > defaults."""
+    """Submit a YAML job spec (kind: stage|train|score|report|publish); CLI > env > spec."""
     from medray.jobs.specfile import load_spec_file
 
     kind, values = call(lambda: load_spec_file(spec_file, set_, lake))
-    emit(_submit(kind, values, address, wait), as_json)
+    emit(_submit(kind, values, address, wait, verbose), as_json)
 
 
 @app.command()

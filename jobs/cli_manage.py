@@ -45,6 +45,12 @@ def cluster_up(
         "--config",
         help="A Ray cluster launcher YAML: runs `ray up` for a cloud cluster instead.",
     ),
+    autoscale: Path = typer.Option(
+        None,
+        "--autoscale",
+        help="A local autoscaling config (configs/cluster/autoscale-local.yaml): Ray's "
+        "autoscaler adds worker nodes on this machine when jobs ask for them.",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Start the local Ray cluster (or a cloud one with --config)."""
@@ -52,7 +58,10 @@ def cluster_up(
 
     if config is not None:
         raise typer.Exit(sdk.cloud_up(config))  # `ray up`'s exit status is the command's
-    info = call(lambda: sdk.cluster_up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus))
+    if autoscale is not None:
+        info = call(lambda: sdk.cluster_up_autoscaling(autoscale))
+    else:
+        info = call(lambda: sdk.cluster_up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus))
     emit(
         info,
         as_json,
@@ -129,7 +138,7 @@ def lake_status(as_json: bool = JSON) -> None:
 # ---------------------------------------------------------------- jobs
 @jobs_app.command("list")
 def jobs_list(
-    kind: str = typer.Option(None, help="Only this kind: stage, train, score or report."),
+    kind: str = typer.Option(None, help="Only this kind: stage, train, score, report or publish."),
     status: str = typer.Option(None, help="Only this status, e.g. FAILED."),
     dataset: str = typer.Option(None, help="Only jobs on this dataset (NAME or NAME:VERSION)."),
     model: str = typer.Option(None, help="Only jobs of this model (NAME or NAME:VERSION)."),

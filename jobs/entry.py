@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 import traceback
+import warnings
 from typing import Any
 
 from medray.cluster.infra import logs, stopping, wire
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=sorted(SPECS))
     parser.add_argument("--spec", required=True, help="base64 JSON of the validated spec")
     args = parser.parse_args(argv)
+    _quiet_warnings()
     logs.configure()
     ctx = JobContext.from_env(args.kind)
     spec: JobSpec | None = None
@@ -57,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return MedrayError.exit_code
     print(wire.result_line(result), flush=True)  # noqa: T201 - the wire to the CLI
     return 0
+
+
+def _quiet_warnings() -> None:
+    """Ray's and TensorFlow's deprecation notices are for their developers, not for the user
+    reading the job's log (the job's processes get the same filter through PYTHONWARNINGS)."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(ray|tensorflow|keras)\.")
 
 
 def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:

@@ -28,6 +28,9 @@ ADDRESS: Any = typer.Option(
 )
 JSON: Any = typer.Option(False, "--json", help="Print one JSON object as the last stdout line.")
 WAIT: Any = typer.Option(True, "--wait/--no-wait", help="Follow the job until it ends.")
+VERBOSE: Any = typer.Option(
+    False, "--verbose", "-v", help="Show the job's full log on stderr, not only its progress."
+)
 
 # Where a value came from when the user chose it (click's ParameterSource names: typer may carry
 # its own copy of click, so the enum is matched by name); DEFAULT means they did not.
@@ -41,7 +44,10 @@ def spec_option(spec: type[JobSpec], field: str, *aliases: str, help: str | None
     name = field.replace("_", "-")
     # a bool field takes both forms (--resume/--no-resume), as typer gives an undeclared bool
     flag = f"--{name}/--no-{name}" if info.annotation is bool else f"--{name}"
-    return typer.Option(_default(spec, field), flag, *aliases, help=help or info.description)
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    shown = extra.get("default_shown")
+    return typer.Option(_default(spec, field), flag, *aliases, help=help or info.description,
+                        show_default=str(shown) if shown else True)
 
 
 def spec_argument(spec: type[JobSpec], field: str) -> Any:

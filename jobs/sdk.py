@@ -22,7 +22,14 @@ from medray.cluster.store import catalog, history, layout, registry
 from medray.cluster.store.lake import Lake, default_lake_uri
 from medray.workers.errors import ConfigError, InfraError, JobFailedError, NotFoundError
 from medray.workers.models import ModelCard
-from medray.workers.specs import JobSpec, build_spec
+from medray.workers.specs import (
+    JobSpec,
+    ReportSpec,
+    ScoreSpec,
+    StageSpec,
+    TrainSpec,
+    build_spec,
+)
 
 
 def resolve_lake(uri: str | None) -> Lake:
@@ -72,6 +79,9 @@ def submit(
     if prices:  # not secret: the job prices its own usage
         extra[env.PRICES_JSON] = json.dumps(prices)
     release = claim(spec, lake, address, job_id)
+    # after the claim: only a run id the user named can meet another attempt, so an id made
+    # here is taken by the job itself, as ever
+    spec = with_ids(spec, lake)
     try:
         jobs_client.submit(spec, address, job_id=job_id, extra_env=extra)
     except BaseException:
@@ -79,7 +89,7 @@ def submit(
             release()
         raise
     if not wait:
-        return {"job_id": job_id, "status": "PENDING"}
+        return {"job_id": job_id, "status": "PENDING", **job_ids(spec)}
     status, logs = jobs_client.wait(job_id, address, on_log=on_log)
     history.attach_log_tail(lake, job_id, status, logs)
     if status != "SUCCEEDED":
@@ -89,6 +99,52 @@ def submit(
     result = wire.result_from_logs(logs) or {}
     result.setdefault("job_id", job_id)
     return result
+
+
+def with_ids(spec: JobSpec, lake: Lake) -> JobSpec:
+    """``spec`` with the ids its job will use fixed here, before it is submitted: a score
+    run's id and a training's id (unless ``--resume`` alone leaves the job to pick the
+    latest). The job uses exactly these, so ``--no-wait`` can return them."""
+    if isinstance(spec, ScoreSpec) and not spec.run_id:
+        from medray.cluster.store import runs
+
+        card = registry.resolve(lake, spec.model)
+        assert card.version is not None  # a resolved card is a registered version
+        return spec.model_copy(update={"run_id": runs.new_run_id(card.name, card.version)})
+    if isinstance(spec, TrainSpec) and not spec.run_id and not spec.resume:
+        from medray.cluster.train import checkpoints
+
+        return spec.model_copy(update={"run_id": checkpoints.new_training_id(spec.model)})
+    return spec
+
+
+def job_ids(spec: JobSpec) -> dict[str, Any]:
+    """The ids a submitted job will use, under the keys of its result: a stage's dataset (its
+    version is claimed by the job: ``medray jobs show JOB`` names it once claimed), a
+    training's model and training id, a score's or a report's run id."""
+    if isinstance(spec, StageSpec):
+        return {"dataset": spec.dataset}
+    if isinstance(spec, TrainSpec):
+        return {"model": spec.model, "training_id": spec.run_id}
+    if isinstance(spec, ScoreSpec | ReportSpec):
+        return {"run_id": spec.run_id}
+    return {}
+
+
+def report_copy(run_id: str, lake: str | None, output: str | Path | None = None) -> Path:
+    """Copy a run's committed HTML report and its images from the lake (S3 or local) into
+    ``output`` (default: ``MEDRAY_HOME/reports/<run_id>/``); the local ``report.html``."""
+    from medray.cluster.report import local_copy
+
+    return local_copy.export(resolve_lake(lake), run_id, report_dir(run_id, output))
+
+
+def report_dir(run_id: str, output: str | Path | None = None) -> Path:
+    """Where ``report_copy`` puts a run's report: ``output``, else MEDRAY_HOME/reports/RUN."""
+    from medray.cluster.infra.home import medray_home
+
+    dest = Path(output) if output else medray_home() / "reports" / run_id
+    return dest.expanduser().resolve()
 
 
 def stderr_log(text: str) -> None:
@@ -287,6 +343,13 @@ def cluster_up(nodes: int = 1, num_cpus: int | None = None,
     from medray.cluster.infra import ray_local
 
     return ray_local.up(nodes=nodes, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def cluster_up_autoscaling(config: Path) -> dict[str, Any]:
+    """Start a local cluster whose worker nodes Ray's autoscaler adds and removes."""
+    from medray.cluster.infra import autoscale
+
+    return autoscale.up(config)
 
 
 def cloud_up(config: Path) -> int:

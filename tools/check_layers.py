@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK = {"workers": 0, "cluster": 1, "jobs": 2}
-JOB_PACKAGES = ("stage", "train", "score", "report")
+JOB_PACKAGES = ("stage", "train", "score", "report", "publish")
 SHARED_PACKAGES = ("store", "infra")
 WORKERS_NEVER = ("ray", "boto3", "botocore", "s3fs", "pyarrow.fs")  # medray.cluster: upward
 WORKERS_NOT_AT_IMPORT = ("tensorflow", "keras", "tf_keras")

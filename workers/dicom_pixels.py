@@ -286,4 +286,5 @@ def decode_dicom(data: bytes, size: int, channels: int, max_pixels: int) -> Deco
         patient_ref=patient_ref,
         burned_in=burned_in_reason(ds),
         instance_ref=instance,
+        characteristics={k: str(ds.get(k) or "").strip() for k in ("PatientAge", "PatientSex")},
     )

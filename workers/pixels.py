@@ -8,7 +8,7 @@ See :mod:`medray.workers.imaging` for the output contract. Pure code: no I/O.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -47,6 +47,8 @@ class DecodedImage:
     patient_ref: str | None
     burned_in: str | None = None     # why the pixels may carry burned-in text (DICOM)
     instance_ref: str | None = None  # the raw SOP Instance UID (never store it: remap it)
+    # raw DICOM PatientAge / PatientSex: kept only when de-identification retains them
+    characteristics: dict[str, str] = field(default_factory=dict)
 
 
 # -- shared helpers --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from medray.workers.attributes import fields
 from medray.workers.errors import ImageError
 
 SHARD_SCHEMA = pa.schema(
@@ -33,6 +34,19 @@ SHARD_SCHEMA = pa.schema(
         pa.field("original", pa.binary()),
     ]
 )
+
+
+
+def shard_schema(attributes: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+    """SHARD_SCHEMA plus a version's typed patient attribute columns, (name, kind) as
+    ``workers.attributes`` types them: every shard of a version has the same columns."""
+    schema = SHARD_SCHEMA
+    for f in fields(attributes):
+        if f.name in SHARD_SCHEMA.names:
+            raise ValueError(f"attribute column {f.name!r} would shadow a shard column")
+        schema = schema.append(f)
+    return schema
+
 
 ERROR_SCHEMA = pa.schema(
     [

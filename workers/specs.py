@@ -10,10 +10,20 @@ import difflib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medray.workers.errors import ConfigError
 
+# the mark of a field a job sizes to its cluster when the user leaves it unset: the command
+# line shows "sized to the cluster" as its default (jobs/flags.py)
+SIZED_TO_THE_CLUSTER: dict[str, Any] = {"default_shown": "sized to the cluster"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -76,6 +86,12 @@ class StageSpec(JobSpec):
     images_root: str | None = Field(
         default=None, description="Where CSV paths resolve (default: the CSV's folder)."
     )
+    attributes: str = Field(
+        default="auto",
+        description="CSV columns kept as typed patient attributes for subgroup reports: auto "
+        "(age, sex/gender, view position where present), none, or a comma-separated list. "
+        "Identifying columns (names, IDs, dates) are refused.",
+    )
     split_column: str | None = Field(
         default=None,
         description="CSV column giving each image's split (train|val|test; empty: by patient).",
@@ -109,11 +125,54 @@ class StageSpec(JobSpec):
         default=None,
         description="Where the DICOM path linkage goes (default: MEDRAY_HOME, 0600).",
     )
+    # a DICOMweb source (dicomweb://HOST[:PORT]/PATH, docs/pacs.md)
+    study_date: str | None = Field(
+        default=None, description="DICOMweb: studies dated FROM-TO (YYYYMMDD-YYYYMMDD)."
+    )
+    modality: str | None = Field(
+        default=None, description="DICOMweb: only these modalities, comma-separated (CR,DX)."
+    )
+    since_last: bool = Field(
+        default=False,
+        description="DICOMweb: only instances no earlier version of the dataset staged.",
+    )
+    qido: list[str] = Field(
+        default=[],
+        description="DICOMweb: a raw QIDO-RS filter KEY=VALUE (non-identifying). Repeatable.",
+    )
+    auth_file: str | None = Field(
+        default=None,
+        description="DICOMweb: file (mode 0600, read where the job runs) holding user:password "
+        "or Bearer TOKEN; default: MEDRAY_DICOMWEB_AUTH on the cluster's nodes.",
+    )
 
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
         return check_name(v, "dataset")
+
+    @model_validator(mode="after")
+    def _dicomweb(self) -> StageSpec:
+        from medray.workers import dicomweb
+
+        web = dicomweb.is_dicomweb(self.source)
+        given = [f for f in ("study_date", "modality", "since_last", "qido", "auth_file")
+                 if getattr(self, f)]
+        if given and not web:
+            raise ValueError(f"{', '.join(given)} apply to a dicomweb:// source only")
+        if web:
+            try:
+                dicomweb.parse_endpoint(self.source)
+                if self.study_date:
+                    dicomweb.parse_date_range(self.study_date)
+                if self.modality:
+                    dicomweb.parse_modalities(self.modality)
+                dicomweb.parse_qido_filters(self.qido)
+            except ConfigError as exc:
+                raise ValueError(exc.message) from None
+            if self.format not in ("auto", "dicom"):
+                raise ValueError("a dicomweb:// source is DICOM: leave --format auto")
+        return self
 
     @field_validator("max_errors")
     @classmethod
@@ -201,9 +260,17 @@ class ScoreSpec(JobSpec):
     run_id: str | None = Field(
         default=None, description="Run id; the same id resumes an unfinished run."
     )
-    actors: int = Field(default=1, ge=1, le=4096, description="Scorer actors.")
-    batch_size: int = Field(default=256, ge=1, le=65536, description="Rows per scorer batch.")
-    cpus_per_actor: float = Field(default=1.0, gt=0, description="CPUs per actor.")
+    # unset, these three are chosen by the score job for the cluster it lands on
+    # (cluster/score/sizing.py); the defaults below are what a spec shows when read elsewhere
+    actors: int = Field(default=1, ge=1, le=4096, json_schema_extra=SIZED_TO_THE_CLUSTER,
+                        description="Scorer actors (unset: one per node with free CPUs, or "
+                                    "one per GPU the cluster has or can add).")
+    batch_size: int = Field(default=256, ge=1, le=65536, json_schema_extra=SIZED_TO_THE_CLUSTER,
+                            description="Rows per scorer batch (unset: 256, fewer when a "
+                                        "batch would not fit the memory free per actor).")
+    cpus_per_actor: float = Field(default=1.0, gt=0, json_schema_extra=SIZED_TO_THE_CLUSTER,
+                                  description="CPUs per actor, TensorFlow's threads on CPU "
+                                              "(unset: the smallest node's free CPUs).")
     gpus_per_actor: float = Field(default=0.0, ge=0, description="Whole GPUs per actor.")
     allow_cpu: bool = Field(default=False, description="Score on CPU when the cluster has no GPU.")
     only_new: bool = Field(
@@ -257,11 +324,43 @@ class ReportSpec(JobSpec):
         return None if v is None else check_name(v, "run id")
 
 
+class PublishSpec(JobSpec):
+    kind: Literal["publish"] = "publish"
+    run_id: str = Field(description="A committed run id whose images were staged from DICOMweb.")
+    to: str = Field(description="The DICOMweb service to store the SRs in: dicomweb://HOST/PATH.")
+    auth_file: str | None = Field(
+        default=None,
+        description="File (mode 0600, read where the job runs) holding user:password or "
+        "Bearer TOKEN; default: MEDRAY_DICOMWEB_AUTH on the cluster's nodes.",
+    )
+    linkage: str | None = Field(
+        default=None, description="Where the staging's private linkage is (as given to stage)."
+    )
+    batch: int = Field(default=16, ge=1, le=500, description="SRs per STOW-RS request.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        return check_name(v, "run id")
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str) -> str:
+        from medray.workers import dicomweb
+
+        try:
+            dicomweb.parse_endpoint(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+
 SPECS: dict[str, type[JobSpec]] = {
     "stage": StageSpec,
     "train": TrainSpec,
     "score": ScoreSpec,
     "report": ReportSpec,
+    "publish": PublishSpec,
 }
 
 

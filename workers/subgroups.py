@@ -2,9 +2,10 @@
 bootstrap intervals for each value of an attribute (age band, sex, view position), and the
 largest gap between two groups with its own interval, flagged when the interval excludes zero.
 
-Attributes come from the dataset (CSV columns, DICOM attributes) as whatever staging kept:
-numbers, DICOM ages such as ``058Y``, or text. ``bands`` turns them into group names: ages into
-fixed bands, other numbers with many values into quartiles, text as it is.
+Attributes come from the dataset as staging kept them (``workers.attributes``: typed columns,
+an age in whole years) or as older versions did: DICOM ages such as ``058Y``, or text.
+``bands`` turns them into group names: ages into fixed bands, other numbers with many values
+into quartiles, text as it is.
 
 One bootstrap serves every group of an attribute: each resample draws patients from the whole
 run, so a group's size varies as it would in a new sample, and the gap between two groups is
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from medray.workers.attributes import AGE, kind_of
 from medray.workers.bootstrap import resample_counts, units_of
 from medray.workers.metrics import auroc, auroc_from_cum, cum_at_blocks, ranked, threshold_metrics
 
@@ -88,7 +90,7 @@ def _age_band(years: float) -> str:
 def bands(name: str, values: Sequence[Any]) -> np.ndarray:
     """Group name per row (object array; None where the value is missing)."""
     out = np.full(len(values), None, dtype=object)
-    if "age" in normalise(name):
+    if kind_of(name) == AGE:  # a word of the name is "age" ("Image Index" is not an age)
         for i, v in enumerate(values):
             years = _age_years(v)
             out[i] = _age_band(years) if years is not None else None

@@ -166,10 +166,11 @@ def precise_batchnorm(model: Any, batches: Sequence[np.ndarray]) -> int:
     Why: the moving averages (momentum 0.99, a memory of ~100 steps) lag the weights. Under
     Adam at the default learning rate the pre-BN activations of small_cnn shift by 0.2-1.0
     standard deviations within that memory, so inference-mode outputs were far from what the
-    network learned: validation loss 0.3 -> 7-16 on PneumoniaMNIST while the same weights with
-    fresh statistics scored 0.2-0.3 (BENCHMARKS.md, "Training defect"). Each batch runs in
-    training mode with momentum 0, which leaves that batch's moments in the moving variables;
-    the union of the batches' moments (within- plus between-batch variance) is then assigned.
+    network learned: on PneumoniaMNIST the validation loss jumped between 0.3 and 14.7 from
+    epoch to epoch while the training loss fell; with fresh statistics it stays at 0.14-0.30
+    (BENCHMARKS.md, "Quality"). Each batch runs in training mode with momentum 0, which leaves
+    that batch's moments in the moving variables; the union of the batches' moments (within-
+    plus between-batch variance) is then assigned.
     """
     layers = batchnorm_layers(model)
     batches = [b for b in batches if len(b)]

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medray.cluster.infra import env
+from medray.cluster.infra.ray_local import NODE_TYPE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,23 @@ def prices_from_env() -> dict[str, dict[str, float]] | None:
     return prices or None
 
 
+def labelled_type(labels: Mapping[str, Any]) -> str | None:
+    """A node's type from its labels (a cloud launcher's, KubeRay's or the local
+    autoscaler's); None on a node started by hand."""
+    found = (labels.get("ray.io/node-type") or labels.get("ray.io/node-group")
+             or labels.get(NODE_TYPE_LABEL))
+    return str(found) if found else None
+
+
 def _node_types() -> dict[str, str]:
     from ray.util.state import list_nodes
 
     types = {}
+    # dead nodes are listed too: a preempted node's time stays under its type
     for node in list_nodes(detail=True, limit=10_000):
         labels = node.labels or {}
-        types[node.node_id] = (
-            labels.get("ray.io/node-type")
-            or labels.get("ray.io/node-group")
-            or ("head" if node.is_head_node else "worker")
-        )
+        types[node.node_id] = labelled_type(labels) or ("head" if node.is_head_node
+                                                        else "worker")
     return types
 
 
@@ -96,9 +104,20 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
     per_type: dict[str, dict[str, float]] = defaultdict(
         lambda: {"cpu_seconds": 0.0, "gpu_seconds": 0.0}
     )
+    per_node: dict[str, dict[str, float]] = defaultdict(
+        lambda: {"cpu_seconds": 0.0, "gpu_seconds": 0.0}
+    )
+
+    def held(node: str, res: dict[str, float], ms: float) -> None:
+        for bucket in (per_type[node_type.get(node, "unknown")], per_node[node]):
+            bucket["cpu_seconds"] += res.get("CPU", 0.0) * ms / 1000
+            bucket["gpu_seconds"] += res.get("GPU", 0.0) * ms / 1000
+
     # An actor's creation task carries its resources but no node; its method calls carry the
-    # node. It holds the resources from creation until its last call ends.
-    actor_span: dict[str, list[float]] = {}
+    # node. It holds the resources from creation until its last call ends, on each node it ran
+    # on: an actor restarted elsewhere (its node lost) pays for its time on both nodes.
+    actor_span: dict[tuple[str, str], list[float]] = {}
+    actor_created: dict[str, tuple[float, float]] = {}
     actor_res: dict[str, dict[str, float]] = {}
     actor_node: dict[str, str] = {}
     actor_class: dict[str, str] = {}
@@ -109,17 +128,17 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
             actor_class[t.actor_id] = str(t.func_or_class_name).rsplit(".", 1)[0]
             if kind.endswith("ACTOR_CREATION_TASK"):
                 actor_res[t.actor_id] = t.required_resources or {}
+                # the first attempt: a restarted actor's creation runs again on its new node
+                if start and start < actor_created.get(t.actor_id, (start + 1, 0))[0]:
+                    actor_created[t.actor_id] = (start, end or start)
             if t.node_id:
-                actor_node[t.actor_id] = t.node_id
-            if start:
-                span = actor_span.setdefault(t.actor_id, [start, end or start])
+                actor_node.setdefault(t.actor_id, t.node_id)
+            if start and t.node_id:
+                span = actor_span.setdefault((t.actor_id, t.node_id), [start, end or start])
                 span[0] = min(span[0], start)
                 span[1] = max(span[1], end or start)
         elif start and end:
-            res = t.required_resources or {}
-            bucket = per_type[node_type.get(t.node_id or "", "unknown")]
-            bucket["cpu_seconds"] += res.get("CPU", 0.0) * (end - start) / 1000
-            bucket["gpu_seconds"] += res.get("GPU", 0.0) * (end - start) / 1000
+            held(t.node_id or "", t.required_resources or {}, end - start)
     for a in actors:
         if a.node_id:
             actor_node[a.actor_id] = a.node_id
@@ -127,11 +146,17 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
     placement: dict[str, set[str]] = defaultdict(set)
     for actor_id, node in actor_node.items():
         placement[actor_class.get(actor_id, "?")].add(node)
-    for actor_id, (first, last) in actor_span.items():
-        res = actor_res.get(actor_id, {})
-        bucket = per_type[node_type.get(actor_node.get(actor_id, ""), "unknown")]
-        bucket["cpu_seconds"] += res.get("CPU", 0.0) * (last - first) / 1000
-        bucket["gpu_seconds"] += res.get("GPU", 0.0) * (last - first) / 1000
+    for actor_id, node in actor_node.items():  # an actor whose calls carry no node yet
+        if not any(a == actor_id for a, _ in actor_span) and actor_id in actor_created:
+            actor_span[(actor_id, node)] = list(actor_created[actor_id])
+    first_node: dict[str, tuple[str, float]] = {}
+    for (actor_id, node), (first, _) in actor_span.items():
+        if actor_id not in first_node or first < first_node[actor_id][1]:
+            first_node[actor_id] = (node, first)
+    for (actor_id, node), (first, last) in actor_span.items():
+        if first_node[actor_id][0] == node:  # the first node held it from its creation
+            first = min(first, actor_created.get(actor_id, (first, first))[0])
+        held(node, actor_res.get(actor_id, {}), last - first)
     return {
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
@@ -139,6 +164,13 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
         "by_node_type": {
             k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in per_type.items()
         },
+        # per node, dead ones included: a node lost mid-job keeps the time it was used
+        "by_node": {k: {"node_type": node_type.get(k, "unknown"),
+                        **{kk: round(vv, 2) for kk, vv in v.items()}}
+                    for k, v in per_node.items() if k},
+        # the node types the job's tasks and actors ran on (an autoscaled cluster's kinds)
+        "node_types": sorted({node_type.get(t.node_id, "unknown") for t in tasks
+                              if t.node_id}),
         # which nodes each kind of actor ran on: shows a job spread over the cluster
         "actor_nodes": {k: len(v) for k, v in sorted(placement.items())},
     }

@@ -4,8 +4,9 @@ disk, and say for each problem the command that fixes it.
 Each check is a plain function that returns a :class:`Check` and never raises, so one broken
 piece never hides the report on the others. Nothing here starts Ray or imports TensorFlow: the
 cluster is asked over HTTP (the dashboard that also serves the Jobs API), the lake through its
-filesystem with one probe object under ``_doctor/``. Credentials are named by where they come
-from, never printed.
+filesystem with one probe object under ``_doctor/``, and TensorFlow's view of each node's GPUs
+by a small job the Jobs API runs on the cluster (``gpu_probe.py``). Credentials are named by
+where they come from, never printed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -78,6 +80,7 @@ def run_all(lake_uri: str | None, address: str | None) -> dict[str, Any]:
         check_lake(uri),
         cluster,
         check_gpus(nodes, cluster.ok),
+        check_tensorflow_gpus(address, nodes),
         check_spill_disk(address),
     ]
     return {
@@ -293,6 +296,68 @@ def check_gpus(nodes: list[dict[str, Any]] | None, cluster_ok: bool) -> Check:
     else:
         detail = f"{total:g} GPU(s) for TensorFlow on {len(nodes)} node(s) ({per_node})"
     return Check("gpus", True, detail)
+
+
+_FIX_TF_MISSING_GPUS = (
+    "install TensorFlow's CUDA build on that node (pip install 'tensorflow[and-cuda]') and "
+    "check its driver with nvidia-smi"
+)
+PROBE_TIMEOUT_S = 240.0
+
+
+def tensorflow_gpu_check(rows: list[dict[str, Any]]) -> Check:
+    """Compare, node by node, the GPUs Ray schedules with the GPUs TensorFlow finds there."""
+    name = "tensorflow"
+    if not rows:
+        return Check(name, False, "the probe job found no alive node", _FIX_CLUSTER)
+    for row in rows:
+        where, ray_gpus, tf_gpus = row["node"], float(row["ray_gpus"]), row["tf_gpus"]
+        if tf_gpus is None:
+            return Check(name, False, f"node {where}: TensorFlow did not answer: "
+                         f"{_short(row.get('error'))}",
+                         "install medray's dependencies on that node (pip install medray)")
+        if tf_gpus < ray_gpus:
+            return Check(name, False, f"node {where}: Ray schedules {ray_gpus:g} GPU(s) but "
+                         f"TensorFlow sees {tf_gpus}"
+                         f"{'' if row.get('cuda_build') else ' (a TensorFlow built without CUDA)'}",
+                         _FIX_TF_MISSING_GPUS)
+        if tf_gpus > ray_gpus:
+            return Check(name, False, f"node {where}: TensorFlow sees {tf_gpus} GPU(s) that Ray "
+                         f"schedules only {ray_gpus:g} of", f"start that node with "
+                         f"`ray start --num-gpus {tf_gpus}` (or the node type's GPU resource)")
+    total = sum(int(r["tf_gpus"]) for r in rows)
+    return Check(name, True, f"TensorFlow sees {total} GPU(s) on {len(rows)} node(s), as many "
+                 "as Ray schedules on each")
+
+
+def check_tensorflow_gpus(address: str | None, nodes: list[dict[str, Any]] | None) -> Check:
+    """Run ``gpu_probe`` on the cluster through the Jobs API and compare what it saw."""
+    if nodes is None:
+        return _skip("tensorflow", "the cluster does not answer")
+    try:
+        from medray.cluster.infra import jobs_client, wire
+
+        client = jobs_client.client(address)
+        job = client.submit_job(
+            entrypoint=f"{jobs_client.job_python(address)} -m medray.cluster.infra.gpu_probe",
+            runtime_env={"env_vars": {env.TF_CPP_MIN_LOG_LEVEL: "3"}},
+            metadata={"medray_kind": "doctor"}, entrypoint_num_cpus=0)
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        status = str(client.get_job_status(job).value)
+        while status not in jobs_client.TERMINAL and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status = str(client.get_job_status(job).value)
+        if status not in jobs_client.TERMINAL:
+            client.stop_job(job)
+            return Check("tensorflow", False, f"the probe job {job} did not end within "
+                         f"{PROBE_TIMEOUT_S:g}s", "see `medray jobs logs " + job + "`")
+        result = wire.result_from_logs(str(client.get_job_logs(job)))
+        if status != "SUCCEEDED" or result is None:
+            return Check("tensorflow", False, f"the probe job {job} ended {status}",
+                         "see `medray jobs logs " + job + "`")
+        return tensorflow_gpu_check(result["nodes"])
+    except Exception as exc:  # a report line, never a crash
+        return Check("tensorflow", False, f"could not ask the cluster: {_short(exc)}", "")
 
 
 # spill disk --------------------------------------------------------------------------------

@@ -18,7 +18,15 @@ PRICES_JSON = "MEDRAY_PRICES_JSON"  # the price table as the job receives it (no
 STORAGE_RETRY_SECONDS = "MEDRAY_STORAGE_RETRY_SECONDS"  # how long transient storage errors retry
 DEID_SALT = "MEDRAY_DEID_SALT"  # the de-identification salt, when not in MEDRAY_HOME
 DEID_SALT_FILE = "MEDRAY_DEID_SALT_FILE"  # a file holding it (a mounted secret on clusters)
+# DICOMweb credentials (user:password or Bearer TOKEN), read on the node where a job runs;
+# never passed to jobs (docs/pacs.md)
+DICOMWEB_AUTH = "MEDRAY_DICOMWEB_AUTH"
 FAULT = "MEDRAY_FAULT"  # fault injection for tests (see cluster/infra/faults.py)
+# JSON overriding docs/pneumonia.ipynb's settings cell (its test makes the run small)
+NOTEBOOK_SETTINGS = "MEDRAY_NOTEBOOK_SETTINGS"
+# JSON {resource: most}: set by `medray cluster up --autoscale` on the head's processes, so a
+# job may ask for what the autoscaler can add (cluster/infra/autoscale.py)
+AUTOSCALE_MAX_RESOURCES = "MEDRAY_AUTOSCALE_MAX_RESOURCES"
 
 # Other tools' names that medray reads too.
 RAY_ADDRESS = "RAY_ADDRESS"  # the cluster when --address is not given
@@ -28,6 +36,14 @@ AWS_REGION = "AWS_REGION"
 AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # set: use the AWS chain, not the embedded lake's keys
 RAY_JOB_STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"  # set on every job: Ray's SIGTERM-to-SIGKILL wait
+# set on every job so its log holds what the CLI shows and not start-up noise (docs/output.md)
+TF_CPP_MIN_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"  # 3: no TensorFlow C++ INFO/WARNING lines
+RAY_DEDUP_LOGS_ALLOW_REGEX = "RAY_DEDUP_LOGS_ALLOW_REGEX"  # lines Ray never folds together
+PYTHONWARNINGS = "PYTHONWARNINGS"  # warnings filters for every process of the job
+# whether `medray report --open` has a browser to open (no console browser takes the terminal)
+BROWSER = "BROWSER"
+DISPLAY = "DISPLAY"
+WAYLAND_DISPLAY = "WAYLAND_DISPLAY"
 RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"  # Ray's token itself, or
 RAY_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"  # a file holding it
 AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"  # never printed: `medray doctor` says only "set"

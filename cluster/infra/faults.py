@@ -5,7 +5,9 @@
 - ``stage_crash_on:TEXT``: a staging decoder dies on the first input whose URI contains TEXT;
 - ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N;
 - ``score_batch_delay:S``: a scorer actor waits S seconds after each batch, so a test's score
-  job is still running (without burning CPU) when it stops, kills or races it.
+  job is still running (without burning CPU) when it stops, kills or races it;
+- ``stage_pause_after_listing:S``: a DICOMweb staging waits S seconds between its QIDO-RS
+  listing and the retrievals, so a test can stop the PACS mid-job.
 
 Unset (every real run), every hook here is a no-op.
 """
@@ -41,6 +43,15 @@ def train_exit_epoch() -> int | None:
 def score_batch_delay() -> float:
     """S of ``score_batch_delay:S`` (0.0 when unset or not a number)."""
     value = _value("score_batch_delay:")
+    try:
+        return max(0.0, float(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def stage_pause_after_listing() -> float:
+    """S of ``stage_pause_after_listing:S`` (0.0 when unset or not a number)."""
+    value = _value("stage_pause_after_listing:")
     try:
         return max(0.0, float(value)) if value is not None else 0.0
     except ValueError:

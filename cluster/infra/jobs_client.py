@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from medray.cluster.infra import env, ray_local, stopping
+from medray.cluster.infra import env, ray_local, stopping, wire
 from medray.workers.errors import InfraError, NotFoundError
 from medray.workers.specs import JobSpec
 
@@ -48,13 +48,19 @@ def submit(
 ) -> str:
     """Submit ``spec`` as a Ray job that runs ``medray.jobs.entry``; returns the job id."""
     kind = spec.kind
-    payload = base64.urlsafe_b64encode(spec.model_dump_json().encode()).decode()
+    # only the fields that were set: the job re-validates them and so knows which were given
+    # (a score job chooses its pool's size where the user did not; cluster/score/sizing.py)
+    payload = base64.urlsafe_b64encode(spec.model_dump_json(exclude_unset=True).encode()).decode()
     entrypoint = " ".join(
         shlex.quote(p)
         for p in (job_python(address), "-m", "medray.jobs.entry", kind, "--spec", payload)
     )
     env_vars = {k: os.environ[k] for k in env.PASS_TO_JOBS if os.environ.get(k)}
-    env_vars.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+    env_vars.update({"PYTHONUNBUFFERED": "1", env.TF_CPP_MIN_LOG_LEVEL: "3",
+                     # progress events from many actors look alike once Ray masks their
+                     # numbers: never fold them into "[repeated Nx across cluster]"
+                     env.RAY_DEDUP_LOGS_ALLOW_REGEX: wire.EVENT.strip(),
+                     env.PYTHONWARNINGS: "ignore::DeprecationWarning",
                      # a stopped driver gets time to record its usage (see stopping.py)
                      env.RAY_JOB_STOP_WAIT: str(stopping.STOP_GRACE_S)})
     if job_id:

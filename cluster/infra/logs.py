@@ -2,6 +2,8 @@
 
 The id comes from ``MEDRAY_JOB_ID``, which Ray hands to every process of the job through its
 runtime environment, so a filter on medray's own handler stamps it; no call site passes it.
+medray's warnings also travel to the CLI as note events (``events.NoteHandler``): by default
+the CLI shows progress and notes only, the log itself with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from medray.cluster.infra import env
+from medray.cluster.infra import env, events
 
 FORMAT = "%(asctime)s %(levelname)s [job %(job_id)s] %(name)s: %(message)s"
 _NOISY = ("ray.data", "ray.train", "ray.tune", "absl", "tensorflow")
@@ -32,6 +34,7 @@ def configure(level: int = logging.INFO) -> None:
     handler.addFilter(JobIdFilter())
     handler.setFormatter(logging.Formatter(FORMAT))
     root.addHandler(handler)
+    root.addHandler(events.NoteHandler())
     root.setLevel(level)
     root.propagate = False  # Ray's worker handlers would print every line a second time
     for noisy in _NOISY:

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,19 @@ from medray.cluster.infra.home import medray_home, read_json, write_private
 from medray.workers.errors import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
+# The node type of a node that Ray's autoscaler started on this machine (autoscale.py)
+NODE_TYPE_LABEL = "medray.io/node-type"
 
 
 def _ray_dir() -> Path:
     d = medray_home() / "ray"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
+
+
+def ray_dir() -> Path:
+    """Where this home's cluster state lives (token, cluster.json, an autoscaling config)."""
+    return _ray_dir()
 
 
 def token_path() -> Path:
@@ -115,12 +124,16 @@ def _resources(dashboard_url: str) -> dict[str, Any]:
         if raylet.get("state") != "ALIVE":
             continue
         res = raylet.get("resourcesTotal", {})
+        labels = raylet.get("labels") or {}
         nodes.append(
             {
                 "node_id": raylet.get("nodeId"),
                 "is_head": bool(raylet.get("isHeadNode")),
                 "cpus": res.get("CPU", 0),
                 "gpus": res.get("GPU", 0),
+                # set on nodes an autoscaler started (Ray's node-group label)
+                "node_type": labels.get("ray.io/node-group") or labels.get(NODE_TYPE_LABEL)
+                or ("head" if raylet.get("isHeadNode") else "worker"),
             }
         )
     return {
@@ -131,14 +144,26 @@ def _resources(dashboard_url: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class HeadExtras:
+    """What an autoscaling cluster adds to `ray start --head` (see ``autoscale.py``)."""
+
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    record: Mapping[str, Any] = field(default_factory=dict)  # kept in cluster.json
+
+
 def up(
     nodes: int = 1,
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     dashboard_port: int | None = 8265,
     timeout_s: float = 120.0,
+    extras: Callable[[str], HeadExtras] | None = None,
 ) -> dict[str, Any]:
-    """Start the local cluster (idempotent); ``nodes`` > 1 adds worker raylets on this host."""
+    """Start the local cluster (idempotent); ``nodes`` > 1 adds worker raylets on this host.
+
+    ``extras`` gets the GCS address and returns what the head needs besides (an autoscaler)."""
     if nodes < 1:
         raise ConfigError("--nodes must be at least 1")
     current = status()
@@ -186,6 +211,12 @@ def up(
     # recorded before anything starts, so `down` can clean up after a start that failed half-way
     write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
     try:
+        if extras is not None:
+            more = extras(cfg["gcs_address"])
+            head += list(more.args)
+            ray_env.update(more.env)
+            cfg.update(more.record)
+            write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
         _start_head(head, ray_env, cfg)
         for _ in range(nodes - 1):
             worker = [
@@ -309,6 +340,15 @@ def dashboard_url(address: str | None) -> str:
             "no Ray cluster: start one with `medray cluster up` or pass --address / RAY_ADDRESS"
         )
     return str(cfg["dashboard_url"])
+
+
+def reachable(address: str | None) -> dict[str, float] | None:
+    """The most of each resource the local autoscaling cluster can grow to, when ``address``
+    is that cluster; None otherwise (a fixed cluster, or one this home did not start)."""
+    cfg = read_json(_ray_dir() / "cluster.json")
+    if not cfg or not cfg.get("autoscale") or not is_local(address):
+        return None
+    return {str(k): float(v) for k, v in cfg["autoscale"]["max_resources"].items()}
 
 
 def is_local(address: str | None) -> bool:

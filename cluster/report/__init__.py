@@ -6,6 +6,7 @@ a paired comparison and Grad-CAM heatmaps, as Parquet tables and one self-contai
 - ``remote``: what Ray runs elsewhere: file and key readers, one label's metrics, Grad-CAM;
 - ``inputs``: the parallel reads of a run's predictions and its dataset's patient keys;
 - ``heatmaps``: picking, starting and writing the Grad-CAM overlays.
+- ``local_copy``: the CLI process: the committed HTML and its images into a local folder.
 
 The numbers themselves are pure code in ``workers/`` (``run_data``, ``evaluation``,
 ``bootstrap``, ``report_tables``, ``report_html``).

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from medray.cluster.infra import events
 from medray.cluster.infra.context import JobContext
 from medray.cluster.report import heatmaps, inputs, remote
 from medray.cluster.store import layout, registry, runs
@@ -38,16 +39,24 @@ log = logging.getLogger(__name__)
 
 
 class _Phases:
-    """Seconds per phase of the job, kept in the report's commit marker."""
+    """Seconds per phase of the job, kept in the report's commit marker; each phase done is
+    a step of the report's progress bar in the CLI."""
+
+    NAMES = ("read_predictions", "patient_keys", "metrics", "heatmaps", "write")
 
     def __init__(self) -> None:
         self.started = self._last = time.monotonic()
         self.timings: dict[str, float] = {}
+        self.bar = events.Phase("report", "steps", len(self.NAMES))
 
     def done(self, name: str) -> None:
         now = time.monotonic()
         self.timings[name] = round(now - self._last, 2)
         self._last = now
+        if len(self.timings) == len(self.NAMES):
+            self.bar.finish(step=name.replace("_", " "))
+        else:
+            self.bar.update(len(self.timings), force=True, step=name.replace("_", " "))
 
     def total(self) -> float:
         return round(time.monotonic() - self.started, 2)

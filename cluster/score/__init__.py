@@ -7,5 +7,6 @@
 - ``remote``: what Ray runs elsewhere: the shard readers and the scorer actors;
 - ``commit``: prediction and error files per shard, the index and the commit marker;
 - ``resume``: which of an earlier attempt's prediction files a resume may keep;
-- ``usage``: what each attempt used, recorded however it ends.
+- ``usage``: what each attempt used, recorded however it ends;
+- ``sizing``: the scorer pool's actors, threads and batch when no flag sets them.
 """

@@ -34,9 +34,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster.infra import jobs_client
+from medray.cluster.infra import autoscale, events, jobs_client
 from medray.cluster.infra.context import JobContext
-from medray.cluster.score import resume
+from medray.cluster.score import resume, sizing
 from medray.cluster.score.commit import RunFiles, commit, write_shard, written
 from medray.cluster.score.precheck import check_resume, check_sizes, no_gpu_message
 from medray.cluster.score.remote import ScorerActor, ShardReader
@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 # actors may ask for every CPU of a node (e.g. --cpus-per-actor 2 on a 2-core laptop)
 _READER_CPUS = 0.0
 _PROGRESS_EVERY_S = 5.0
+# The scorer pool is fully started before the first batch is handed out: a run is then spread
+# over every actor it asked for (a small run used to finish on the first actor ready while the
+# others were still importing TensorFlow), and an actor that cannot start (its model does not
+# load) fails the run at once with its own error. Bounded, so a cluster that never frees the
+# CPUs gives a clear failure instead of a job that waits forever.
+ACTOR_START_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class Attempt:
     only: pa.Array | None  # --retry-failed: the ids that failed in that run
     stale_errors: frozenset[str]  # stems with an errors file from an earlier attempt
     lease: leases.Lease  # checked before every file this attempt writes
+    # actors, CPUs, threads and batch: given, or chosen for the cluster; None: the spec's own
+    sizing: sizing.Sizing | None = None
 
 
 def run(spec: ScoreSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
@@ -112,7 +120,8 @@ def _run_leased(spec: ScoreSpec, lake: Lake, ctx: JobContext, lease: leases.Leas
     assert card.version is not None  # a resolved card is a registered version
     check_sizes(card, manifest, dataset, dversion)
     gpus = _gpus_for_actors(spec)
-    _check_cpus(spec)
+    size = _size(spec, gpus, card)
+    _check_cpus(size)
 
     date_dir = layout.date_partition(doc["partition_date"]) if doc["partition_by"] == "date" \
         else ""
@@ -139,7 +148,8 @@ def _run_leased(spec: ScoreSpec, lake: Lake, ctx: JobContext, lease: leases.Leas
     if pending:
         _score_shards(lake, Attempt(spec=spec, job_id=ctx.job_id, card=card, files=files,
                                     gpus=gpus, pending=pending, skip=skip, only=only,
-                                    stale_errors=frozenset(error_files), lease=lease))
+                                    stale_errors=frozenset(error_files), lease=lease,
+                                    sizing=size))
     marker = commit(lake, doc, files, stems, lease, gpus, started)
     already = len(stems) - len(pending)
     log.info("committed run %s: %d images scored, %d errors, %d files (%d from earlier "
@@ -154,7 +164,7 @@ def _run_leased(spec: ScoreSpec, lake: Lake, ctx: JobContext, lease: leases.Leas
             "model_version": card.version, "dataset": doc["dataset"],
             "dataset_version": doc["dataset_version"], "shards": len(marker["files"]),
             "resumed_shards": already, "device": "gpu" if gpus else "cpu",
-            "seconds": marker["seconds"]}
+            "sizing": size.as_dict(), "seconds": marker["seconds"]}
 
 
 # ------------------------------------------------------------------ starting or resuming a run
@@ -226,7 +236,7 @@ def _gpus_for_actors(spec: ScoreSpec) -> float:
     import ray
 
     gpus = spec.gpus_per_actor
-    have = float(ray.cluster_resources().get("GPU", 0))
+    have = autoscale.reachable_resources(ray.cluster_resources()).get("GPU", 0.0)
     if gpus and have < gpus:
         if not spec.allow_cpu:
             raise ConfigError(no_gpu_message(gpus, have))
@@ -236,13 +246,28 @@ def _gpus_for_actors(spec: ScoreSpec) -> float:
     return gpus
 
 
-def _check_cpus(spec: ScoreSpec) -> None:
+def _size(spec: ScoreSpec, gpus: float, card: ModelCard) -> sizing.Sizing:
+    """The pool's size: the flags given, the rest chosen for this cluster (``sizing.py``)."""
     import ray
 
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    asked = spec.actors * spec.cpus_per_actor + _READER_CPUS
+    reachable = autoscale.reachable_resources(ray.cluster_resources())
+    size = sizing.choose(spec, gpus, sizing.free_nodes(), reachable.get("GPU", 0.0),
+                         card.input_size * card.input_size * card.channels)
+    log.info("scorer pool: %d actor(s) x %g CPU(s)%s, %s threads, batch %d%s", size.actors,
+             size.cpus_per_actor, f" x {gpus:g} GPU(s)" if gpus else "",
+             size.threads or "TensorFlow's", size.batch_size,
+             f" (chosen for this cluster: {', '.join(size.chosen)})" if size.chosen else "")
+    return size
+
+
+def _check_cpus(size: sizing.Sizing) -> None:
+    import ray
+
+    # an autoscaling cluster counts the CPUs it can add: its workers start at zero
+    cpus = autoscale.reachable_resources(ray.cluster_resources()).get("CPU", 0.0)
+    asked = size.actors * size.cpus_per_actor + _READER_CPUS
     if asked > cpus:  # Ray Data would wait for the missing actors forever
-        raise ConfigError(f"{spec.actors} actor(s) x {spec.cpus_per_actor:g} CPU(s) need "
+        raise ConfigError(f"{size.actors} actor(s) x {size.cpus_per_actor:g} CPU(s) need "
                           f"{asked:g} CPUs but the cluster has {cpus:g}: lower --actors or "
                           "--cpus-per-actor")
 
@@ -253,13 +278,13 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
     import ray
 
     spec, pending = attempt.spec, attempt.pending
-    # a CPU actor keeps TensorFlow to the CPUs Ray gave it; a GPU actor's threads feed the GPU
-    threads = None if attempt.gpus else max(1, round(spec.cpus_per_actor))
+    size = attempt.sizing or sizing.Sizing.given(spec, attempt.gpus)
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
     rows = ds.map_batches(
         ShardReader,
         # one block per scorer batch, so the batches of even one shard spread over the pool
-        fn_constructor_args=(lake.uri, spec.split, attempt.skip, attempt.only, spec.batch_size),
+        fn_constructor_args=(lake.uri, spec.split, attempt.skip, attempt.only, size.batch_size),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(2, len(pending))),
@@ -268,11 +293,11 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
     scored = rows.map_batches(
         ScorerActor,
         fn_constructor_args=(lake.uri, asdict(attempt.card), attempt.files.run_id,
-                             attempt.job_id, spec.mixed_precision, threads),
-        batch_size=spec.batch_size,
+                             attempt.job_id, spec.mixed_precision, size.threads),
+        batch_size=size.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=spec.actors),
-        num_cpus=spec.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=size.actors),
+        num_cpus=size.cpus_per_actor,
         num_gpus=attempt.gpus or None,
     )
     _write_as_completed(lake, attempt,
@@ -286,8 +311,9 @@ def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table
     """
     buffers: dict[str, list[pa.Table]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
-    written_shards = images = 0
+    written_shards = images = errors = 0
     t0 = last_log = time.monotonic()
+    bar = events.Phase("scoring", "shards", len(attempt.pending))
     for batch in batches:
         for stem in pc.unique(batch.column("_shard")).to_pylist():
             part = batch.filter(pc.equal(batch.column("_shard"), stem))
@@ -301,6 +327,9 @@ def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table
             elif counts[stem] > expected:
                 raise RuntimeError(f"shard {stem}: {counts[stem]} rows for {expected} inputs")
         images += batch.num_rows
+        errors += batch.num_rows - batch.column("error").null_count
+        bar.update(written_shards, images=images, errors=errors,
+                   images_per_s=images / max(1e-9, time.monotonic() - t0))
         if time.monotonic() - last_log > _PROGRESS_EVERY_S:
             log.info("progress: %d images scored, %d/%d shards written, %.0f img/s", images,
                      written_shards, len(attempt.pending), images / (time.monotonic() - t0))
@@ -312,5 +341,7 @@ def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table
         stem = layout.shard_stem(path)
         if stem not in counts:
             write_shard(lake, attempt.files, stem, None, attempt.stale_errors, attempt.lease)
+    bar.finish(len(attempt.pending), images=images, errors=errors,
+               images_per_s=images / max(1e-9, time.monotonic() - t0))
     log.info("scored %d images in %d shards, %.0f img/s after start-up", images,
              len(attempt.pending), images / max(1e-9, time.monotonic() - t0))

@@ -49,8 +49,13 @@ def claim(spec: ScoreSpec, lake: Lake, address: str | None,
 
 
 def cluster_gpus(address: str | None) -> float | None:
-    """GPUs of the cluster's alive nodes from its dashboard; None when it cannot tell."""
-    from medray.cluster.infra import jobs_client
+    """GPUs of the cluster's alive nodes from its dashboard, or the most that a local
+    autoscaling cluster can add; None when it cannot tell."""
+    from medray.cluster.infra import jobs_client, ray_local
+
+    reachable = ray_local.reachable(address)
+    if reachable is not None:  # worker nodes start at zero: count what the autoscaler can add
+        return reachable.get("GPU", 0.0)
 
     try:
         resp = jobs_client.client(address)._do_request("GET", "/nodes?view=summary")

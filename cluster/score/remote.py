@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from medray.cluster.infra import faults, logs
+from medray.cluster.infra import costs, faults, logs
 from medray.cluster.store import layout, registry
 from medray.cluster.store.lake import Lake
 from medray.workers.models import ModelCard
@@ -95,6 +95,10 @@ class ScorerActor:
         import ray
 
         logs.configure()
+        t0 = time.perf_counter()
+        import tensorflow  # noqa: F401 - timed apart: most of an actor's start (bench_startup)
+
+        t_import = time.perf_counter()
         lake = Lake(lake_uri).tagged(job_id)  # a killed attempt's temporaries carry its id
         # a private copy: the shared per-name cache of registry.fetch is keyed by name and
         # version only, so two lakes (or two actors writing it at once) could mix files up
@@ -105,12 +109,18 @@ class ScorerActor:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         self.delay_s = faults.score_batch_delay()
+        self.first_call = True
+        # seconds: importing TensorFlow, fetching and loading the model (bench/bench_startup.py)
+        startup = {"tensorflow_import_s": round(t_import - t0, 2),
+                   "model_load_s": round(time.perf_counter() - t_import, 2)}
         ctx = ray.get_runtime_context()
         info: dict[str, Any] = {
             "actor_id": ctx.get_actor_id(), "node_id": ctx.get_node_id(), "pid": os.getpid(),
+            # the autoscaler's node type (gpu_spot, ...); None on a node started by hand
+            "node_type": costs.labelled_type(ctx.get_node_labels()),
             "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "tensorflow_gpus": self.scorer.gpus, "precision": self.scorer.precision,
-            "started_at": now_utc().isoformat(), "job_id": job_id,
+            "started_at": now_utc().isoformat(), "job_id": job_id, "startup": startup,
         }
         lake.write_json(layout.run_actor(run_id, info["actor_id"] or str(os.getpid())), info)
         log.info("scorer actor %s on node %s: Ray GPUs %s, TensorFlow GPUs %s, %s",
@@ -118,7 +128,12 @@ class ScorerActor:
                  info["precision"])
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        t0 = time.perf_counter()
         scored = self.scorer(table)
+        if self.first_call:  # the first call traces the model's function
+            self.first_call = False
+            log.info("scorer first batch of %d rows in %.2fs (tracing included)",
+                     table.num_rows, time.perf_counter() - t0)
         if self.delay_s:  # fault tests only (MEDRAY_FAULT=score_batch_delay:S)
             time.sleep(self.delay_s)
         return scored

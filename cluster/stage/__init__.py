@@ -8,5 +8,7 @@
   stream them);
 - ``pipeline``: the Ray Data pipeline from a listing to decoded batches, retries bounded;
 - ``writer``: balanced shards and the errors table; ``reuse``: the previous version's shards;
-- ``linkage``: the private DICOM path linkage; ``purge``: deleting versions, reading errors.
+- ``dicomweb_source``: a PACS listed by QIDO-RS, its instances retrieved by WADO-RS;
+- ``purge``: deleting versions, reading errors (the private DICOM path linkage the job writes
+  lives in ``medray.cluster.store.linkage``: the publish job reads it too).
 """

@@ -5,6 +5,11 @@ manifest's folder), its labels and, with ``--split-column``, its split (empty: b
 path that is absolute, a URI or climbs out of the root is an error row and is never read; a bare
 file name is also looked up anywhere below the root (ChestX-ray14 ships ``images_001/images/...``
 folders).
+
+Patient attribute columns (``--attributes``: by default the usual ones present, such as
+``Patient Age``, ``Patient Gender`` and ``View Position``) travel with each item as typed values
+(``workers.attributes``); identifying columns are refused, unreadable values become null and
+are counted.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import codecs
 import csv
 import difflib
 import io
+import json
 import logging
 import posixpath
 import re
@@ -22,8 +28,9 @@ import pyarrow.fs as pafs
 
 from medray.cluster.stage.listing import SPLIT_DIRS, list_tree
 from medray.cluster.store.lake import source_filesystem, source_uri
+from medray.workers import attributes
 from medray.workers.errors import ConfigError, NotFoundError
-from medray.workers.shards import nohash_key
+from medray.workers.shards import SHARD_SCHEMA, nohash_key
 from medray.workers.specs import StageSpec
 
 log = logging.getLogger(__name__)
@@ -70,6 +77,7 @@ def check_columns(spec: StageSpec, columns: list[str]) -> str | None:
         if needed is not None and needed not in columns:
             raise ConfigError(f"{spec.source} has no column {needed!r}"
                               f"{_suggest(needed, columns)}: pass {flag} (columns: {columns})")
+    attribute_columns(spec, columns)  # a missing or identifying attribute column: refused
     patient = spec.patient_column
     if patient and patient not in columns:
         if patient != StageSpec.model_fields["patient_column"].default:
@@ -77,6 +85,18 @@ def check_columns(spec: StageSpec, columns: list[str]) -> str | None:
                               f"{_suggest(patient, columns)} (columns: {columns})")
         return None  # the default column may be absent: file names group the splits
     return patient
+
+
+def attribute_columns(spec: StageSpec, columns: list[str]) -> list[tuple[str, str]]:
+    """(column, kind) of the attribute columns the spec keeps from a manifest with
+    ``columns``; ConfigError for one that is missing, reserved or identifying."""
+    reserved = (spec.path_column, spec.label_column, spec.patient_column, spec.split_column)
+    kept = attributes.choose(spec.attributes, columns, reserved)
+    for name in kept:
+        if name in SHARD_SCHEMA.names or name.startswith("_"):
+            raise ConfigError(f"--attributes: a column named {name!r} would clash with the "
+                              "shards' own columns: rename it in the manifest")
+    return [(c, attributes.kind_of(c)) for c in kept]
 
 
 def _read(source: str, limit: int | None = None) -> tuple[pafs.FileSystem, str, str]:
@@ -107,6 +127,7 @@ def csv_items(spec: StageSpec) -> list[dict[str, Any]]:
     fs, path, text = _read(source)
     reader = csv.DictReader(io.StringIO(text), delimiter=_delimiter(path))
     patient_column = check_columns(spec, list(reader.fieldnames or []))
+    kept = attribute_columns(spec, list(reader.fieldnames or []))
     if spec.patient_column and patient_column is None:
         log.warning("%s has no %r column: splits group images by file name instead", source,
                     spec.patient_column)
@@ -129,6 +150,9 @@ def csv_items(spec: StageSpec) -> list[dict[str, Any]]:
             "kind": "file", "labels": labels, "split": SPLIT_DIRS.get(split_value.lower()),
             "patient_key": f"csv:{patient}" if patient else f"name:{nohash_key(rel)}",
         }
+        if kept:
+            values, bad = attributes.typed(kept, row)
+            item["attributes"], item["attribute_bad"] = json.dumps(values), bad
         resolved = resolve_under(root, rel)
         if resolved is None:
             item["uri"] = f"{source}#line{line}"

@@ -32,16 +32,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from medray.cluster.infra import events
 from medray.cluster.infra.context import JobContext
-from medray.cluster.stage import linkage, pipeline, remote, reuse, sources
-from medray.cluster.stage.linkage import LinkageSink
+from medray.cluster.stage import dicomweb_source, pipeline, remote, reuse, sources
 from medray.cluster.stage.listing import Listing
 from medray.cluster.stage.reuse import Previous
 from medray.cluster.stage.writer import ErrorSink, ShardWriter
-from medray.cluster.store import catalog, layout
+from medray.cluster.store import catalog, history, layout, linkage
 from medray.cluster.store.lake import Lake
+from medray.cluster.store.linkage import LinkageSink
+from medray.workers import dicomweb
 from medray.workers.errors import InfraError, InputError
-from medray.workers.shards import SHARD_SCHEMA, now_utc, parse_max_errors
+from medray.workers.shards import now_utc, parse_max_errors, shard_schema
 from medray.workers.specs import StageSpec
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,18 @@ MB = 1024 * 1024
 def run(spec: StageSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     """Stage ``spec.source`` into a new version of ``spec.dataset`` (see the module doc)."""
     started = time.monotonic()
-    listing = sources.list_source(spec)
+    # --since-last: what earlier versions staged from the PACS is not even retrieved
+    skip = dicomweb_source.staged_keys(lake, spec.dataset) if spec.since_last else None
+    listing = sources.list_source(spec, skip)
+    if skip is not None and listing.inputs == 0:  # a quiet night: no new, empty version
+        log.info("%s: nothing new since the last version", spec.dataset)
+        return {"dataset": spec.dataset, "version": None, "images": 0, "new_images": 0,
+                "errors": 0, "duplicates": 0, "nothing_new": True}
     log.info("%s: %d inputs (%s), labels %s, %d other files skipped, listed in %.1fs",
              spec.dataset, listing.inputs, listing.format, listing.label_names, listing.skipped,
              time.monotonic() - started)
     salt_id = remote.salt_fingerprint()
-    content = reuse.content_options(spec, listing.format, salt_id)
+    content = reuse.content_options(spec, listing.format, salt_id, listing.attributes)
     label = remote.source_label(spec.source, listing.format)
     previous = reuse.load_previous(lake, spec, content, label) if spec.reuse else None
     # claimed (create-if-absent) before anything is written under it: two jobs staging one
@@ -66,6 +74,9 @@ def run(spec: StageSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     version = catalog.claim_version(lake, spec.dataset, owner=ctx.job_id)
     lake.write_json(layout.staging_marker(spec.dataset, version),
                     {"job_id": ctx.job_id, "started_at": now_utc().isoformat()})
+    # the claimed version in the job's record: `medray jobs show` names it while the job runs
+    history.record(lake, ctx, spec, "RUNNING", {"dataset": spec.dataset, "version": version},
+                   source_label=label)
     return _Version(spec, lake, ctx, version, started, label).stage(listing, previous, content)
 
 
@@ -79,6 +90,7 @@ class _Tally:
     counts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     by_split: Counter[str] = field(default_factory=Counter)
     seen: set[bytes] = field(default_factory=set)
+    bad_attributes: Counter[str] = field(default_factory=Counter)  # values kept as null
     first_batch_at: float | None = None
     first_batch_files: int = 0
 
@@ -110,37 +122,54 @@ class _Version:
         self.started = started
         self.tag = hashlib.sha256(ctx.job_id.encode()).hexdigest()[:8]
         self.tally = _Tally()
+        self.attributes: tuple[tuple[str, str], ...] = ()  # the listing's, set by stage()
+        self.schema = shard_schema()
         self.writer = ShardWriter(lake, functools.partial(layout.shard, self.name, version),
                                   self.tag, int(spec.shard_mb * MB))
         self.errors = ErrorSink(
             lake, functools.partial(layout.dataset_error_file, self.name, version), self.tag)
         self.linkage = LinkageSink(linkage.location(lake, self.name, version, spec.linkage))
+        # a PACS source: which instances this version staged (keyed hashes, for --since-last)
+        self.ledger = (dicomweb_source.Ledger() if dicomweb.is_dicomweb(spec.source)
+                       else None)
         self._last_log = time.monotonic()
+        self.bar: events.Phase | None = None
 
     def stage(self, listing: Listing, previous: Previous | None,
               content: dict[str, Any]) -> dict[str, Any]:
         spec, lake = self.spec, self.lake
+        self.attributes, self.schema = listing.attributes, shard_schema(listing.attributes)
+        self.tally.bad_attributes.update(listing.bad_attributes)
         crash_dir = os.path.join(tempfile.gettempdir(), f"medray-stage-{self.tag}")
         options = remote.DecodeOptions(
             label_names=tuple(listing.label_names), multi_label=listing.multi_label,
             salt_id=content["salt_id"], crash_dir=crash_dir, fmt=listing.format,
-            known=previous.known if previous and len(previous.known) else None)
+            known=previous.known if previous and len(previous.known) else None,
+            attributes=listing.attributes)
         allowed = parse_max_errors(spec.max_errors, listing.inputs)
         small = previous.small(spec.shard_mb * MB) if previous else set()
         small_bytes = sum(float(previous.shards[i].get("raw_bytes", 0)) for i in small
                           ) if previous else 0.0
+        bar = self.bar = events.Phase(f"staging {self.name}:{self.version}", "files",
+                                      listing.inputs)
         try:
             for batch in pipeline.decoded_batches(listing, spec, options):
                 self._consume(batch, previous, listing.inputs, small_bytes)
                 if self.errors.count > allowed:
-                    raise InputError(self._too_many(allowed, listing.inputs))
+                    # a PACS that stopped answering is infrastructure, not bad input
+                    down = self.errors.by_type.get("unreachable", 0) > allowed
+                    raise (InfraError if down else InputError)(
+                        self._too_many(allowed, listing.inputs))
             self._progress(listing.inputs, final=True)
+            bar.finish(self.tally.files, **self._counts())
             rate = self.tally.stream_rate()
-            reused = reuse.carry(previous, lake, self.writer, self.tally.seen, small
-                                 ) if previous else []
+            reused = reuse.carry(previous, lake, self.writer, self.tally.seen, small,
+                                 self.schema) if previous else []
             shards = reused + self.writer.close()
             self.errors.flush()
             self.linkage.flush()  # before the commit: a committed version can be traced back
+            if self.ledger is not None:
+                self.ledger.write(lake, self.name, self.version)
             images = len(self.tally.seen)
             if images == 0:
                 raise InputError(f"no image of {self.source} could be staged "
@@ -157,6 +186,9 @@ class _Version:
         finally:
             shutil.rmtree(crash_dir, ignore_errors=True)
         lake.delete(layout.staging_marker(self.name, self.version))
+        for column, n in sorted(self.tally.bad_attributes.items()):
+            log.warning("%s:%d: %d values of attribute %r could not be read: kept as null",
+                        self.name, self.version, n, column)
         log.info("committed %s:%d: %d images (%d new, %d reused) in %d shards (%d reused), "
                  "%d duplicates, %d errors, %.1fs", self.name, self.version, images,
                  manifest["new_images"], self.tally.reused, len(shards), len(reused),
@@ -168,6 +200,8 @@ class _Version:
                 "files": self.tally.files, "bytes_read": self.tally.bytes_read,
                 "shards": len(shards), "reused_shards": len(reused),
                 "moved_images": manifest["moved_images"],
+                "attributes": [c for c, _ in listing.attributes],
+                "unreadable_attribute_values": manifest["unreadable_attribute_values"],
                 "rekeyed_images": manifest["rekeyed_images"],
                 "uri": lake.full_uri(base),
                 "errors_uri": (lake.full_uri(layout.dataset_errors_dir(self.name, self.version))
@@ -186,12 +220,18 @@ class _Version:
         self.linkage.add(batch.column("source_uri").to_pylist(),
                          batch.column("_raw_uri").to_pylist())
         failed = pc.is_valid(batch.column("_error_type"))
+        if self.ledger is not None:
+            self.ledger.add(batch.column("_raw_uri").to_pylist(), failed.to_pylist())
         self.errors.add(batch.filter(failed))
         good = batch.filter(pc.invert(failed))
         keep: list[int] = []
+        for bad in good.column("_bad_attributes").to_pylist():
+            t.bad_attributes.update(bad or ())
         names = ("image_id", "_known", "labels", "source_uri", "split", "patient_key",
                  "_keep_key")
         cols = [good.column(n).to_pylist() for n in names]
+        kept = [n for n, _ in self.attributes]
+        attrs = good.select(kept).to_pylist() if kept else [None] * good.num_rows
         for i, (iid, known, labels, uri, split, key, keep_key) in enumerate(zip(*cols,
                                                                               strict=True)):
             digest = bytes.fromhex(iid)
@@ -200,8 +240,9 @@ class _Version:
                 continue
             t.seen.add(digest)
             if known:
-                now = previous.take(iid, labels, uri, split, key, bool(keep_key)
-                                    ) if previous else None
+                # a DICOM's attributes are in its unchanged bytes (keep_key): as before
+                now = previous.take(iid, labels, uri, split, key, bool(keep_key),
+                                    None if keep_key else attrs[i]) if previous else None
                 if now is None:  # cannot happen: say so
                     log.error("an input was reported as known but is not in the previous "
                               "version; skipped")
@@ -213,12 +254,20 @@ class _Version:
             keep.append(i)
         if keep:
             table = good if len(keep) == good.num_rows else good.take(keep)
-            table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+            table = table.select(self.schema.names).cast(self.schema)
             t.new_bytes += table.nbytes
             more = (inputs - t.files) * (t.new_bytes / max(1, t.files)) + small_bytes
             self.writer.add(table, more)
+        if self.bar is not None:
+            self.bar.update(t.files, **self._counts())
         if time.monotonic() - self._last_log > PROGRESS_SECONDS:
             self._progress(inputs)
+
+    def _counts(self) -> dict[str, Any]:
+        """What a progress event of the staging says besides the files done."""
+        t = self.tally
+        return {"images": len(t.seen), "duplicates": t.duplicates, "errors": self.errors.count,
+                "bytes": t.bytes_read}
 
     def _progress(self, inputs: int, final: bool = False) -> None:
         t = self.tally
@@ -273,7 +322,11 @@ class _Version:
             "shards": shards, "reused_shards": len(reused),
             "previous_version": previous.version if previous else None,
             "error_files": self.errors.files,
-            "schema": SHARD_SCHEMA.to_string(show_schema_metadata=False),
+            "schema": self.schema.to_string(show_schema_metadata=False),
+            # typed patient attribute columns (docs/staging.md); values unreadable as their
+            # type were kept as null, counted per column
+            "attributes": [{"column": c, "kind": k} for c, k in listing.attributes],
+            "unreadable_attribute_values": dict(sorted(t.bad_attributes.items())),
             "deidentification": {
                 **remote.deid_options(spec).describe(),
                 "dicom": "every DICOM de-identified before anything is written (docs/deid.md); "
@@ -300,6 +353,8 @@ class _Version:
             log.warning("could not remove the linkage of a failed staging: %s", exc)
         base = layout.dataset_version(self.name, self.version)
         written = self.writer.paths() + self.errors.files
+        if self.ledger is not None:
+            written.append(layout.dicomweb_instances(self.name, self.version))
         for rel in [*written, layout.staging_marker(self.name, self.version)]:
             try:
                 self.lake.delete(rel)

@@ -59,6 +59,7 @@ ITEM_SCHEMA = pa.schema([
     pa.field("shape", pa.list_(pa.int64())),
     pa.field("dtype", pa.string()),
     pa.field("label_values", pa.list_(pa.float64())),
+    pa.field("attributes", pa.string()),      # CSV: typed attribute values as a JSON object
 ])
 
 
@@ -74,6 +75,9 @@ class Listing:
     has_splits: bool
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    # (column, kind) of the typed patient attribute columns every shard row has
+    attributes: tuple[tuple[str, str], ...] = ()
+    bad_attributes: dict[str, int] = field(default_factory=dict)  # values read as null
 
 
 @dataclass(frozen=True)

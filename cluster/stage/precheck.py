@@ -16,9 +16,11 @@ import zlib
 import pyarrow.fs as pafs
 
 from medray.cluster.infra import ray_local
+from medray.cluster.infra.dicomweb_client import check_auth_file
 from medray.cluster.stage import csv_source, npz_source
 from medray.cluster.stage.listing import detect_format
 from medray.cluster.store.lake import Lake, source_filesystem
+from medray.workers import dicomweb
 from medray.workers.errors import NotFoundError
 from medray.workers.specs import StageSpec
 
@@ -30,7 +32,14 @@ _UNSURE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 def precheck(spec: StageSpec, lake: Lake, address: str | None) -> None:
     """The stage precheck (``lake`` is not needed: staging only writes to it)."""
-    check_source(spec, local_files=ray_local.is_local(address))
+    local_files = ray_local.is_local(address)
+    if dicomweb.is_dicomweb(spec.source):
+        # the PACS is queried by the job, not from here; an auth file on this machine is the
+        # cluster's only when the cluster runs here: then its mode is checked now (exit 2)
+        if spec.auth_file and local_files:
+            check_auth_file(spec.auth_file)
+        return
+    check_source(spec, local_files=local_files)
 
 
 def check_source(spec: StageSpec, local_files: bool) -> None:

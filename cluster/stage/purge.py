@@ -17,8 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from medray.cluster.stage import linkage
-from medray.cluster.store import catalog, layout
+from medray.cluster.store import catalog, layout, linkage
 from medray.cluster.store.lake import Lake
 from medray.workers.errors import ConfigError, NotFoundError
 

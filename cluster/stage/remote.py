@@ -1,10 +1,11 @@
 """What Ray runs for the stage job in other processes: the batch decoder actors.
 
 ``BatchDecoder`` runs in a Ray Data actor pool: it reads the files of a batch concurrently (I/O
-overlaps), decodes them one by one and returns shard rows or error rows (``OUT_SCHEMA``); a
-crash guard (``crash``) keeps a poison input from killing it forever. The .npz reading tasks
-live with their source (``npz_source.read_npz_member``). Plain code: Ray Data applies the
-remote wrapping where the pipeline is built.
+overlaps; a ``dicomweb://`` item is a PACS instance retrieved by WADO-RS into memory,
+``dicomweb_source.retrieve``), decodes them one by one and returns shard rows or error rows
+(``OUT_SCHEMA``); a crash guard (``crash``) keeps a poison input from killing it forever.
+The .npz reading tasks live with their source (``npz_source.read_npz_member``). Plain code:
+Ray Data applies the remote wrapping where the pipeline is built.
 
 DICOM inputs leave here de-identified (docs/deid.md): their path becomes a keyed pseudonym in
 every row (the raw path travels back to the driver in ``_raw_uri`` for the private linkage,
@@ -15,6 +16,7 @@ originals lose their metadata (``workers.originals``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -30,12 +32,14 @@ import pyarrow as pa
 
 from medray.cluster.infra import logs
 from medray.cluster.infra.home import deid_salt
+from medray.cluster.stage import dicomweb_source
 from medray.cluster.stage.crash import CrashGuard
 from medray.cluster.stage.listing import DICOM_EXT
 from medray.cluster.store.lake import source_filesystem
+from medray.workers import attributes, dicomweb
 from medray.workers.deid import Deidentifier, Options
 from medray.workers.dicom_io import deidentify_bytes, quiet_pydicom
-from medray.workers.errors import ConfigError, ImageError, InputError
+from medray.workers.errors import ConfigError, ImageError, InfraError, InputError
 from medray.workers.imaging import array_to_pixels, decode_image, sniff_format
 from medray.workers.originals import strip_metadata
 from medray.workers.pixels import max_input_bytes
@@ -54,7 +58,8 @@ OUT_SCHEMA = (SHARD_SCHEMA
               .append(pa.field("_bytes", pa.int64()))
               .append(pa.field("_known", pa.bool_()))
               .append(pa.field("_keep_key", pa.bool_()))  # known: the previous key stands
-              .append(pa.field("_raw_uri", pa.string())))  # a pseudonymised row's path
+              .append(pa.field("_raw_uri", pa.string()))  # a pseudonymised row's path
+              .append(pa.field("_bad_attributes", pa.list_(pa.string()))))  # read as null
 
 
 def max_file_bytes(max_pixels: int) -> int:
@@ -99,6 +104,7 @@ class DecodeOptions:
     known: Any = None             # sorted "S32" digests of the previous version, or an ObjectRef
     crash_dir: str | None = None  # where the crash guard keeps its notes (None: no guard)
     fmt: str = ""                 # the listing's format: "dicom" pseudonymises every path
+    attributes: tuple[tuple[str, str], ...] = ()  # (column, kind): typed attribute columns
 
 
 class BatchDecoder:
@@ -130,6 +136,10 @@ class BatchDecoder:
         self.known: np.ndarray | None = known if known is not None and len(known) else None
         self.pool = ThreadPoolExecutor(READ_THREADS)
         self.crash = CrashGuard(options.crash_dir)
+        self.attributes = list(options.attributes)
+        self.out_schema = OUT_SCHEMA
+        for f in attributes.fields(self.attributes):
+            self.out_schema = self.out_schema.append(f)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()
@@ -158,14 +168,22 @@ class BatchDecoder:
                 data = None
             rows.append(self._one(it, data))
         self.crash.clear()
-        cols = {f.name: [r.get(f.name) for r in rows] for f in OUT_SCHEMA}
-        return pa.Table.from_pydict(cols, schema=OUT_SCHEMA)
+        cols = {f.name: [r.get(f.name) for r in rows] for f in self.out_schema}
+        return pa.Table.from_pydict(cols, schema=self.out_schema)
 
     # -- reading ------------------------------------------------------------------------------
     def _read(self, item: dict[str, Any]) -> bytes | tuple[str, str]:
         refused = self._too_large(item["size"]) if item.get("size") is not None else None
         if refused:
             return refused
+        if dicomweb.is_dicomweb(item["uri"]):  # a PACS instance by WADO-RS, in memory only
+            try:
+                data = dicomweb_source.retrieve(item["uri"], self.spec.auth_file, self.max_bytes)
+            except InfraError as exc:  # retried with backoff already: the network, not the file
+                return ("unreachable", exc.message)
+            except InputError as exc:
+                return ("unreadable", exc.message)
+            return self._too_large(len(data)) or data
         try:
             if "://" not in item["uri"]:  # a local path from the listing: plain open is fastest
                 # O_NONBLOCK: a file swapped for a FIFO since listing must not block the read
@@ -250,8 +268,8 @@ class BatchDecoder:
         if self._is_known(digest):
             # a DICOM's patient comes from its header, which the same bytes repeat: keep it
             dicom = sniff_format(data) == "dicom"
-            return self._known_row(item, digest, len(data), item.get("labels"),
-                                   None if dicom else raw_key)
+            return {**self._known_row(item, digest, len(data), item.get("labels"),
+                                      None if dicom else raw_key), **self._attributes(item)}
         spec = self.spec
         self.crash.enter(item["uri"])
         try:
@@ -274,7 +292,8 @@ class BatchDecoder:
         metadata = dict(img.metadata)
         if img.instance_ref:
             metadata["sop_instance_uid"] = self.deid.remap_uid(img.instance_ref)
-        row = self._row(item, digest, img.pixels, raw_key, len(data))
+        row = {**self._row(item, digest, img.pixels, raw_key, len(data)),
+               **self._attributes(item, img)}
         return {**row, "orig_height": img.original_height, "orig_width": img.original_width,
                 "format": img.format, "metadata": metadata_json(metadata),
                 "patient_key": self.deid.patient_key(raw_key), "original": original}
@@ -315,6 +334,23 @@ class BatchDecoder:
         return [self.label_names[index]]
 
     # -- rows ---------------------------------------------------------------------------------
+    def _attributes(self, item: dict[str, Any], img: Any = None) -> dict[str, Any]:
+        """The typed attribute columns of a file's row: a manifest's values (typed while
+        listing), or a decoded DICOM's view (and age and sex, when retained); a value that
+        cannot be read is null and named in ``_bad_attributes``."""
+        if not self.attributes:
+            return {}
+        if item.get("attributes"):
+            values = json.loads(item["attributes"])
+            return {name: values.get(name) for name, _ in self.attributes}
+        if img is None or img.format != "dicom":
+            return {}
+        raw = {attributes.DICOM_VIEW: img.metadata.get("view_position"),
+               attributes.DICOM_AGE: img.characteristics.get("PatientAge"),
+               attributes.DICOM_SEX: img.characteristics.get("PatientSex")}
+        typed, bad = attributes.typed(self.attributes, raw)
+        return {**typed, "_bad_attributes": bad or None}
+
     def _row(self, item: dict[str, Any], digest: str, pixels: np.ndarray, raw_key: str,
              nbytes: int) -> dict[str, Any]:
         """The columns every decoded row has; the caller adds what its kind of input knows."""

@@ -10,14 +10,26 @@ from medray.cluster.store.lake import Lake
 from medray.workers.shards import now_utc
 from medray.workers.specs import JobSpec
 
+# A stage record's source until the stage job has listed it and knows how the lake may name it
+SOURCE_NOT_LISTED = "(not yet listed)"
+
 
 def record(
-    lake: Lake, ctx: JobContext, job_spec: JobSpec, status: str, result: dict[str, Any]
+    lake: Lake, ctx: JobContext, job_spec: JobSpec, status: str, result: dict[str, Any],
+    source_label: str | None = None,
 ) -> None:
-    """Write the job's record: RUNNING at start, then SUCCEEDED/FAILED with its result."""
+    """Write the job's record: RUNNING at start, then SUCCEEDED/FAILED with its result.
+
+    A stage spec's ``source`` is stored as the stage job labels it (``source_label``: a DICOM
+    source by its keyed pseudonym, since a DICOM folder is often named after its patient),
+    never as given: until the job has listed the source, the record says it is not listed yet.
+    """
     job_id, kind = ctx.job_id, ctx.kind
     spec = job_spec.model_dump()
     previous = lake.read_json_or_none(layout.job_record(job_id)) or {}
+    if "source" in spec:
+        spec["source"] = (source_label or (previous.get("spec") or {}).get("source")
+                          or SOURCE_NOT_LISTED)
     now = now_utc().isoformat()
     lake.write_json(
         layout.job_record(job_id),

@@ -6,6 +6,7 @@ All paths are relative to the lake root, with '/' separators::
     datasets/<name>/<version>/shards/<part>.parquet     images (pixels, labels, split, ...)
     datasets/<name>/<version>/errors/<part>.parquet     inputs that could not be staged
     datasets/<name>/<version>/_staging.json             a staging job at work (gone at commit)
+    datasets/<name>/<version>/dicomweb.parquet          keyed hashes of the PACS instances staged
     datasets/<name>/<version>/_CLAIM.json               who claimed the version number (first)
     models/<name>/<version>/model.keras                 weights, published with the card
     models/<name>/<version>/card.json                   the model card: commit point of a version
@@ -87,6 +88,12 @@ def dataset_claim(name: str, version: int) -> str:
     """Created only if absent before anything is written under the version: the claim that
     makes the version number this staging's alone."""
     return f"{dataset_version(name, version)}/{CLAIM}"
+
+
+def dicomweb_instances(name: str, version: int) -> str:
+    """Keyed hashes (never the UIDs) of the DICOMweb instances a version staged: what
+    ``--since-last`` leaves out next time."""
+    return f"{dataset_version(name, version)}/dicomweb.parquet"
 
 
 def staging_marker(name: str, version: int) -> str:

@@ -43,6 +43,13 @@ def refuse_restart(lake: Lake, spec: TrainSpec) -> None:
                           "checkpoints: add --resume to continue it, or choose another --run-id")
 
 
+def new_training_id(model: str) -> str:
+    """A fresh training id ``<model>-<UTC time>-<random>``; the SDK makes it before submitting,
+    so that ``--no-wait`` can name it."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{model}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
 def choose_training(lake: Lake, spec: TrainSpec, job_id: str) -> tuple[str, bool]:
     """(training id, whether it has checkpoints to continue from).
 
@@ -62,8 +69,7 @@ def choose_training(lake: Lake, spec: TrainSpec, job_id: str) -> tuple[str, bool
         train_id = latest["training_id"]
         has_checkpoints = started(lake, spec.model, train_id)
     else:
-        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        train_id, has_checkpoints = f"{spec.model}-{stamp}-{uuid.uuid4().hex[:6]}", False
+        train_id, has_checkpoints = new_training_id(spec.model), False
     lake.write_json(layout.latest_training(spec.model), {
         "training_id": train_id, "job_id": job_id, "at": datetime.now(UTC).isoformat()})
     return train_id, has_checkpoints

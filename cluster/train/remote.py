@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medray.cluster.infra import faults, logs
+from medray.cluster.infra import events, faults, logs
 from medray.cluster.store import layout
 from medray.cluster.store.lake import Lake
 from medray.cluster.train import checkpoints
@@ -140,6 +140,9 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
     ``recent`` holds the last ``keep`` images it trained on (whole batches)."""
     t0 = last = time.monotonic()
     steps = seen = 0
+    # rank 0 shows the epoch as a bar in the CLI; its last event comes with the validation
+    bar = events.Phase(f"epoch {epoch}/{plan.spec.epochs}", "steps", batching.steps) \
+        if chief else None
     losses: list[float] = []
     recent: deque[np.ndarray] = deque()
     kept = 0
@@ -159,6 +162,9 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
             while kept - len(recent[0]) >= keep:
                 kept -= len(recent.popleft())
         now = time.monotonic()
+        if bar is not None and steps < batching.steps:
+            bar.update(steps, loss=float(np.mean(losses[-every:])),
+                       images_per_s=steps * batching.global_batch / max(1e-9, now - t0))
         due = steps % every == 0 or now - last > PROGRESS_EVERY_S
         if chief and due and steps < batching.steps:  # the last step has the epoch line
             rate = steps * batching.global_batch / (now - t0)
@@ -166,7 +172,8 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
                                             float(np.mean(losses[-every:]))))
             last = now
     return {"steps": steps, "batches": seen, "seconds": time.monotonic() - t0,
-            "loss": float(np.mean(losses)) if losses else float("nan"), "recent": list(recent)}
+            "loss": float(np.mean(losses)) if losses else float("nan"), "recent": list(recent),
+            "bar": bar}
 
 
 def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_fn: Any,
@@ -178,6 +185,7 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
         "images_per_s": done["images"] / seconds if seconds else 0.0,
         "seconds": round(seconds, 3), "steps": done["steps"], "job_id": plan.job_id}
     recent = done.pop("recent", [])
+    bar: events.Phase | None = done.pop("bar", None)
     if tr.precise_batchnorm(model, recent):
         record["bn_images"] = sum(len(x) for x in recent)  # what the statistics came from
     y, scores, _ = _validate(model, plan)
@@ -195,6 +203,9 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
         **{f"val/auroc/{k}": v for k, v in ev["auroc"].items()}})
     board.upload()
     log.info("%s", tr.epoch_line(record, plan.spec.epochs))
+    if bar is not None:
+        bar.finish(done["steps"], val_auroc=record["val_mean_auroc"], loss=record["loss"],
+                   epoch_seconds=record["seconds"], images_per_s=record["images_per_s"])
     if stop:
         log.info("early stop after epoch %d: %s; best epoch %d", done["epoch"],
                  state["stopped"], state["best_epoch"])

@@ -28,10 +28,6 @@ from sklearn import metrics as skm
 from tests.support.cli import cli_json, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-# Staging drops CSV columns other than path, labels, patient and split, and the report reads
-# patient attributes from what the shards keep. Strict: remove it once staging keeps them.
-CSV_ATTRIBUTES_PENDING = pytest.mark.xfail(
-    strict=True, reason="staging does not keep CSV attribute columns yet (issue 15)")
 PATIENTS, IMAGES_PER_PATIENT = 100, 3
 ATTRS = "Patient Age,Patient Gender,View Position"
 
@@ -129,7 +125,6 @@ def _band(age: int) -> str:
         "60-79" if age < 80 else ">=80"
 
 
-@CSV_ATTRIBUTES_PENDING
 def test_subgroup_table_matches_sklearn_per_group(reported):
     _result(reported)
     lake, run = reported["lake"], reported["run"]
@@ -158,7 +153,6 @@ def test_subgroup_table_matches_sklearn_per_group(reported):
                 nan_ok=True)
 
 
-@CSV_ATTRIBUTES_PENDING
 def test_the_built_in_gap_is_flagged_and_the_random_one_is_not(reported):
     _result(reported)
     lake, run = reported["lake"], reported["run"]
@@ -179,12 +173,24 @@ def test_the_built_in_gap_is_flagged_and_the_random_one_is_not(reported):
     assert {(g["attribute"], g["metric"]) for g in entry["subgroup_gaps"]} == set(gaps)
 
 
-@CSV_ATTRIBUTES_PENDING
 def test_unknown_subgroup_attribute_names_the_ones_there(reported):
     proc = run_cli("report", reported["run"], "--subgroups", "Weight", "--n-boot", "0",
                    "--lake", reported["lake"].uri, check=False)
     assert proc.returncode == 2
     assert "no attribute 'Weight'" in proc.stderr and "View Position" in proc.stderr
+
+
+def test_an_identifying_attribute_column_is_refused(tmp_path, s3_server, ray_cluster):
+    """--attributes never keeps an identifier: exit 2 before anything is staged."""
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("Image Index,Finding Labels,Patient Age,Patient Name\n"
+                        "a.png,Pneumonia,58,Doe^Jane\n")
+    lake = f"s3://{s3_server['bucket']}/refuse-{uuid.uuid4().hex[:8]}"
+    proc = run_cli("stage", str(manifest), "--dataset", "named", "--attributes",
+                   "Patient Age,Patient Name", "--lake", lake, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "refusing 'Patient Name'" in proc.stderr and "Doe" not in proc.stderr + proc.stdout
 
 
 # ------------------------------------------------------------------------------------ DICOM

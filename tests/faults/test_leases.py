@@ -116,7 +116,8 @@ def test_a_killed_cli_leaves_the_run_to_its_job_until_it_is_stopped_then_resumed
     stopped = _usage(scoring, run_id, job_id)
     assert stopped["status"] == "STOPPED" and stopped["usage"]["cpu_seconds"] > 0, stopped
 
-    resumed = h.cli(None, *scoring.score_args(run_id), "--json", env=env, timeout=600)
+    resumed = h.cli(None, *scoring.score_args(run_id), "--json", "--verbose", env=env,
+                    timeout=600)
     assert f"replacing job {job_id}: Ray says job {job_id} STOPPED" in resumed.stderr, \
         resumed.stderr[-3000:]
     second = json.loads(resumed.stdout.strip().splitlines()[-1])["job_id"]

@@ -26,7 +26,7 @@ def _finish(scoring, run_id: str, job_id: str, allow_resume: bool) -> tuple[str,
     status = h.wait_job(scoring.home, job_id, timeout=300)
     if status == "SUCCEEDED" or not allow_resume:
         return status, None
-    proc = h.cli(None, *scoring.score_args(run_id), timeout=600)
+    proc = h.cli(None, *scoring.score_args(run_id), "--verbose", timeout=600)
     return status, proc.stderr
 
 
@@ -90,7 +90,7 @@ def test_job_driver_killed_then_resumed_with_same_run_id(scoring):
     assert h.wait_job(scoring.home, job_id, timeout=120) == "FAILED"
     written = h.lake_files(scoring.fs, preds_dir)
     _damage(scoring.fs, written)
-    proc = h.cli(None, *scoring.score_args(run_id), timeout=600)
+    proc = h.cli(None, *scoring.score_args(run_id), "--verbose", timeout=600)
     assert f"resuming run {run_id}" in proc.stderr
     assert f"replacing job {job_id}: Ray says job {job_id} FAILED" in proc.stderr, \
         proc.stderr[-3000:]

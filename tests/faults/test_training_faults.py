@@ -31,7 +31,8 @@ def _registered(fs, pipe: h.Pipeline, model: str) -> bool:
 
 def _resume_and_check(fs, pipe: h.Pipeline, model: str, run_id: str, epochs: int,
                       done: int, history_before: list[dict]) -> None:
-    proc = h.cli(None, *_train_args(pipe, model, run_id, epochs, "--resume", "--json"),
+    proc = h.cli(None, *_train_args(pipe, model, run_id, epochs, "--resume", "--json",
+                                    "--verbose"),
                  timeout=900)
     resumed = re.findall(r"resumed from (?:the checkpoint of )?epoch (\d+)",
                          proc.stderr + proc.stdout)

@@ -31,11 +31,15 @@ def test_healthy_setup_passes(ray_cluster: dict[str, Any], s3_lake: str) -> None
     assert code == 0, human
     assert report["ok"] is True
     checks = report["by_name"]
-    assert set(checks) == {"credentials", "lake", "cluster", "gpus", "spill disk"}
+    assert set(checks) == {"credentials", "lake", "cluster", "gpus", "tensorflow", "spill disk"}
     assert all(c["ok"] and not c["skipped"] for c in checks.values()), human
     assert "embedded lake's key file" in checks["credentials"]["detail"]
     assert "same as here" in checks["cluster"]["detail"]
-    assert human.count("\n") == 5 and "PROBLEM" not in human
+    # the probe job imported TensorFlow on every node: no GPU here, as Ray says
+    nodes = int(checks["gpus"]["detail"].split(" node(s)")[0].rsplit(" ", 1)[1])
+    assert checks["tensorflow"]["detail"] == (
+        f"TensorFlow sees 0 GPU(s) on {nodes} node(s), as many as Ray schedules on each")
+    assert human.count("\n") == 6 and "PROBLEM" not in human
 
 
 def test_stopped_cluster_is_named_with_its_fix(s3_lake: str) -> None:

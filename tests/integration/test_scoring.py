@@ -164,7 +164,7 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_rows(setup, medray_home
     fs, base = _fs_and_base(lake, medray_home)
     assert _read_json(fs, f"{base}/runs/{part}/_COMMITTED.json") is None
 
-    proc = run_cli(*_score(setup, setup["slow"], part, *opts), "--json")
+    proc = run_cli(*_score(setup, setup["slow"], part, *opts), "--json", "--verbose")
     resumed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"resuming run {part}" in proc.stderr
     assert resumed["resumed_shards"] == len(written)

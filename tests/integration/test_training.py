@@ -84,7 +84,7 @@ def _keras_model(lake: str, model: str, version: int):
 def test_two_workers_take_equal_shares_of_uneven_shards(lake, pneu):
     proc = run_cli("train", "--dataset", "pneu", "--model", "two", "--workers", "2",
                    "--cpus-per-worker", "0.5", "--epochs", "2", "--batch-size", "32",
-                   "--lake", lake, "--json")
+                   "--lake", lake, "--json", "--verbose")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (res["model"], res["version"]) == ("two", 1)
     # progress streamed from the workers through the job logs to the CLI
@@ -204,7 +204,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(lake, pneu):
     again = run_cli(*args, check=False)  # same id without --resume: refused, not overwritten
     assert again.returncode == 2 and "add --resume" in again.stderr
 
-    resumed = run_cli(*args, "--resume", "--json")
+    resumed = run_cli(*args, "--resume", "--json", "--verbose")
     res = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert "resumed from the checkpoint of epoch 1" in resumed.stderr
     assert "epoch 2/2 done" in resumed.stderr and "epoch 1/2 done" not in resumed.stderr
@@ -340,7 +340,7 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
                    "--batch-size", "32", "--operating-point",
                    "youden,pneumonia:sensitivity=0.9", "--out-of-scope",
                    "adults; screening without a radiologist", "--card-file", str(card_file),
-                   "--lake", lake, "--json")
+                   "--lake", lake, "--json", "--verbose")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert re.search(r"calibration on val: temperature \{'normal': '[\d.]+', 'pneumonia'",
                      proc.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,6 +105,8 @@ def submitted(monkeypatch):
         return {"job_id": "medray-test"}
 
     monkeypatch.setattr(sdk, "submit", fake_submit)
+    # `medray report` copies the committed page to a local folder after its job
+    monkeypatch.setattr(sdk, "report_copy", lambda *_, **__: Path("/tmp/medray-test/report.html"))
     monkeypatch.delenv("MEDRAY_LAKE", raising=False)
     return calls
 

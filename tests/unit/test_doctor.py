@@ -202,7 +202,7 @@ def test_a_problem_line_carries_its_fix_and_an_ok_line_none() -> None:
 def test_run_all_fails_when_one_check_fails(no_aws: Path) -> None:
     report = doctor.run_all(str(no_aws / "lake"), "127.0.0.1:1")
     names = [c["name"] for c in report["checks"]]
-    assert names == ["credentials", "lake", "cluster", "gpus", "spill disk"]
+    assert names == ["credentials", "lake", "cluster", "gpus", "tensorflow", "spill disk"]
     assert report["ok"] is False
     assert [c["name"] for c in report["checks"] if not c["ok"]] == ["cluster"]
 
@@ -217,6 +217,7 @@ def test_the_command_exits_1_with_one_line_per_check(tmp_path: Path) -> None:
         ["ok", "lake"],
         ["PROBLEM", "cluster"],
         ["skipped", "gpus"],
+        ["skipped", "tensorflow"],
         ["skipped", "spill"],
     ]
     as_json = run_cli("doctor", "--lake", lake, "--address", "127.0.0.1:1", "--json", check=False)
@@ -234,3 +235,36 @@ def test_an_s3_endpoint_where_nothing_listens_is_unreachable(
     check = doctor.check_lake("s3://bucket/lake")
     assert not check.ok and check.detail.startswith("s3://bucket/lake is unreachable")
     assert check.fix.startswith("start the S3 server or fix AWS_ENDPOINT_URL")
+
+
+def _probe_row(node: str, ray_gpus: float, tf_gpus: int | None, cuda: bool = True,
+               error: str | None = None) -> dict:
+    return {"node_id": node * 4, "node": node, "ray_gpus": ray_gpus, "tf_gpus": tf_gpus,
+            "cuda_build": cuda, "error": error}
+
+
+def test_tensorflow_seeing_what_ray_schedules_passes() -> None:
+    check = doctor.tensorflow_gpu_check([_probe_row("10.0.0.1", 2, 2),
+                                         _probe_row("10.0.0.2", 0, 0)])
+    assert check.ok and check.detail.startswith("TensorFlow sees 2 GPU(s) on 2 node(s)")
+
+
+def test_gpus_tensorflow_cannot_see_are_named_with_the_cuda_fix() -> None:
+    check = doctor.tensorflow_gpu_check([_probe_row("10.0.0.1", 0, 0),
+                                         _probe_row("10.0.0.2", 4, 0, cuda=False)])
+    assert not check.ok
+    assert "node 10.0.0.2: Ray schedules 4 GPU(s) but TensorFlow sees 0" in check.detail
+    assert "without CUDA" in check.detail and "tensorflow[and-cuda]" in check.fix
+
+
+def test_gpus_ray_does_not_schedule_are_named_with_the_num_gpus_fix() -> None:
+    check = doctor.tensorflow_gpu_check([_probe_row("10.0.0.3", 0, 2)])
+    assert not check.ok and "ray start --num-gpus 2" in check.fix
+
+
+def test_a_node_where_tensorflow_does_not_import_is_a_problem() -> None:
+    check = doctor.tensorflow_gpu_check([_probe_row("n1", 0, None, None,
+                                                    "ModuleNotFoundError: tensorflow")])
+    assert not check.ok and "ModuleNotFoundError" in check.detail
+    assert not doctor.tensorflow_gpu_check([]).ok
+    assert doctor.check_tensorflow_gpus(None, None).skipped

@@ -122,3 +122,23 @@ def test_a_usage_that_cannot_be_recorded_never_hides_the_jobs_error(lake, monkey
     monkeypatch.setattr(costs, "job_usage", lambda wall, settle_tries=3: {"cpu_seconds": 1.0})
     monkeypatch.setattr(runs, "record_usage", down)
     UsageRecorder(lake, "r4", "medray-score-x", 0.0).ended(RuntimeError("the real error"))
+
+
+def test_a_stage_record_never_keeps_the_source_as_given(tmp_path):
+    """A DICOM folder is often named after its patient: the record holds the stage job's label
+    of the source (a keyed pseudonym for DICOM), and nothing before the job has listed it."""
+    from medray.cluster.infra.context import JobContext
+    from medray.workers.specs import StageSpec
+
+    lake = Lake(str(tmp_path / "lake"))
+    ctx = JobContext(job_id="medray-stage-x", kind="stage", submitted_by="u", submitted_at=None)
+    spec = StageSpec(source="/pacs/DOE^JANE_MRN4711", dataset="cxr")
+    history.record(lake, ctx, spec, "RUNNING", {})
+    doc = lake.read_json("jobs/medray-stage-x.json")
+    assert doc["spec"]["source"] == history.SOURCE_NOT_LISTED
+    history.record(lake, ctx, spec, "RUNNING", {"dataset": "cxr", "version": 1},
+                   source_label="dicom:0123abcd")
+    history.record(lake, ctx, spec, "SUCCEEDED", {"dataset": "cxr", "version": 1})
+    raw = (tmp_path / "lake" / "jobs" / "medray-stage-x.json").read_text()
+    assert "MRN4711" not in raw and "DOE" not in raw
+    assert lake.read_json("jobs/medray-stage-x.json")["spec"]["source"] == "dicom:0123abcd"

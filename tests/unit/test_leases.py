@@ -142,6 +142,9 @@ def submit_env(lake, monkeypatch):
 
     submitted: list[str] = []
     monkeypatch.setattr(sdk, "precheck", lambda spec, lk, address: None)
+    # no model in this lake to name a run after: a made-up id stands for the SDK's
+    monkeypatch.setattr(sdk, "with_ids", lambda spec, lk: spec.model_copy(
+        update={"run_id": spec.run_id or "made-by-the-sdk"}))
     monkeypatch.setattr(jobs_client, "job_state",
                         lambda job_id, address: "RUNNING" if job_id in submitted else None)
 

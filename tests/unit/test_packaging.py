@@ -26,10 +26,23 @@ from tests.support.paths import ROOT
 LAYERS = ("jobs", "cluster", "workers")
 
 
+def installed_name(root: Path, parts: tuple[str, ...]) -> str:
+    """The installed name of a folder (its path parts under ``root``): the deepest folder that
+    pyproject's package-dir maps decides (``jobs/toplevel`` is ``medray`` itself), else
+    ``medray.`` and the path."""
+    mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    folders = {tuple(PurePosixPath(d).parts): name for name, d in mapping.items()}
+    for cut in range(len(parts), 0, -1):
+        if parts[:cut] in folders:
+            return ".".join([folders[parts[:cut]], *parts[cut:]])
+    return ".".join(["medray", *parts])
+
+
 def source_packages(root: Path) -> set[str]:
     """Installed names of every folder under the layers that holds Python modules."""
     return {
-        ".".join(["medray", *path.parent.relative_to(root).parts])
+        installed_name(root, path.parent.relative_to(root).parts)
         for layer in LAYERS
         for path in (root / layer).rglob("*.py")
         if "__pycache__" not in path.parts
@@ -41,10 +54,11 @@ def source_modules(root: Path) -> set[str]:
     names = set()
     for layer in LAYERS:
         for path in (root / layer).rglob("*.py"):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+            parts = path.relative_to(root).with_suffix("").parts
             if parts[-1] == "__init__":
-                parts.pop()
-            names.add(".".join(["medray", *parts]))
+                names.add(installed_name(root, parts[:-1]))
+            else:
+                names.add(f"{installed_name(root, parts[:-1])}.{parts[-1]}")
     return names
 
 

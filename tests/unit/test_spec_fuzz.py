@@ -63,7 +63,8 @@ def plausible(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     fields = SPECS[kind].model_fields
     required = {"stage": {"source": "/tmp/x", "dataset": "d"},
                 "train": {"dataset": "d", "model": "m"},
-                "score": {"dataset": "d", "model": "m"}, "report": {"run_id": "r1"}}[kind]
+                "score": {"dataset": "d", "model": "m"}, "report": {"run_id": "r1"},
+                "publish": {"run_id": "r1", "to": "dicomweb://pacs/dicom-web"}}[kind]
     values: dict[str, Any] = dict(required)
     for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=6)):
         values[name] = draw(st.one_of(scalars, st.integers(-2, 100000),

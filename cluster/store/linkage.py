@@ -9,7 +9,9 @@ an errors row back to its file, the stage job writes the pairs here, never to th
 - with ``--linkage URI``, under ``URI/<dataset>/<version>/`` (a folder or an s3:// prefix the
   user controls and protects).
 
-``reveal`` reads them back (``medray datasets errors NAME:V --reveal``, ``datasets reveal``).
+``reveal`` reads them back (``medray datasets errors NAME:V --reveal``, ``datasets reveal``,
+and the publish job, which finds a PACS instance's original UIDs in its DICOMweb URI). It lives
+in ``store`` because two jobs use it: the stage job writes it, the publish job reads it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,140 @@
+"""A cluster driven by Ray's real autoscaler (fake multi-node provider), started with
+`medray cluster up --autoscale configs/cluster/autoscale-local.yaml`: GPU-typed worker nodes
+start at zero, come when a score job asks for GPUs, go after the idle timeout, and one taken
+away mid-score (its raylet killed, as spot capacity disappears) changes no committed row."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.support import faults as h
+from tests.support.paths import ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+log = logging.getLogger(__name__)
+
+CONFIG = ROOT / "configs" / "cluster" / "autoscale-local.yaml"
+GPU_TYPES = {"gpu_spot", "gpu_ondemand"}
+# two scorer actors, one fake GPU each: the autoscaler must add two GPU nodes
+GPU_ARGS = ("--actors", "2", "--gpus-per-actor", "1", "--cpus-per-actor", "1")
+
+
+@dataclass
+class Autoscaling:
+    home: Path
+    temp_dir: str
+    env: dict
+
+    def status(self) -> dict:
+        return h.cli_json(None, "cluster", "status", env=self.env, timeout=60)
+
+    def worker_types(self) -> list[str]:
+        return sorted(n["node_type"] for n in self.status()["node_list"] if not n["is_head"])
+
+
+@pytest.fixture(scope="module")
+def autoscaling(scoring) -> Iterator[Autoscaling]:
+    """The autoscaling cluster under its own MEDRAY_HOME, on the session's S3 lake."""
+    home = Path(f"/tmp/mr-as-{uuid.uuid4().hex[:6]}")  # noqa: S108 - short: Ray socket paths
+    (home / "lake").mkdir(parents=True, mode=0o700)
+    shutil.copy(scoring.home / "lake" / "lake.json", home / "lake" / "lake.json")
+    # a dead node is noticed in ~3 s instead of Ray's default ~15 s
+    env = {"MEDRAY_HOME": str(home), "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+    try:
+        info = h.cli_json(None, "cluster", "up", "--autoscale", str(CONFIG), env=env,
+                          timeout=400)
+        yield Autoscaling(home, info["temp_dir"], env)
+    finally:
+        subprocess.run([sys.executable, "-c", "from medray.cluster.infra import ray_local; "
+                        "ray_local.down()"], env={**os.environ, **env}, timeout=120, check=False)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _actor_files(scoring, run_id: str) -> list[dict]:
+    base = f"{h.lake_base(scoring.pipe.lake)}/runs/{run_id}/actors"
+    return [json.loads(h.read_object(scoring.fs, path))
+            for path in h.lake_files(scoring.fs, base) if path.endswith(".json")]
+
+
+def test_score_scales_up_from_zero_then_down(scoring, autoscaling):
+    assert autoscaling.worker_types() == [], "the cluster must start with no worker node"
+    run_id = f"autoscale-{uuid.uuid4().hex[:6]}"
+    res = h.cli_json(None, *scoring.score_args(run_id, *GPU_ARGS), env=autoscaling.env,
+                     timeout=900)
+    _, preds = h.committed(scoring.fs, scoring.pipe.lake, run_id)
+    h.assert_same_predictions(preds, scoring.ref)
+    # where the scorers ran: GPU-typed nodes the autoscaler added, recorded by each actor ...
+    actors = [a for a in _actor_files(scoring, run_id) if a["job_id"] == res["job_id"]]
+    assert len(actors) == 2 and {a["node_type"] for a in actors} <= GPU_TYPES, actors
+    assert len({a["node_id"] for a in actors}) == 2, "two GPU actors need two GPU nodes"
+    # ... and in the job's record (`medray jobs show`)
+    record = h.cli_json(None, "jobs", "show", res["job_id"], "--lake", scoring.pipe.lake,
+                        env=autoscaling.env)
+    ran_on = set(record["result"]["usage"]["node_types"])
+    assert ran_on & GPU_TYPES and ran_on <= GPU_TYPES | {"head"}, ran_on
+    # idle nodes go after the config's 6 s idle timeout (plus the autoscaler's rounds)
+    h.wait_for("the autoscaler to remove the idle GPU nodes",
+               lambda: autoscaling.worker_types() == [], 180, every=3)
+
+
+def test_gpu_node_lost_mid_score(scoring, autoscaling):
+    run_id = f"preempt-{uuid.uuid4().hex[:6]}"
+    # slowed (0.5 s per batch of 16), so the node is lost with scoring left to do
+    job_id = scoring.start(run_id, *GPU_ARGS,
+                           env={**autoscaling.env, "MEDRAY_FAULT": "score_batch_delay:0.5"})
+
+    def scorer_on_worker() -> tuple[h.psutil.Process, h.psutil.Process] | None:
+        raylets = {p.pid: p for p in h.find(autoscaling.temp_dir, "raylet/raylet")
+                   if "--head" not in h.cmdline(p)}
+        for actor in h.find(autoscaling.temp_dir, "ScorerActor"):
+            try:
+                parent = next((p for p in actor.parents() if p.pid in raylets), None)
+            except h.psutil.NoSuchProcess:
+                continue
+            if parent is not None and _actor_id_of(scoring, run_id, actor.pid):
+                return actor, parent  # its record is written once its model is loaded
+        return None
+
+    # kill once a scorer has loaded its model on a GPU node and is scoring: a node lost
+    # before its actor did any work would prove nothing
+    actor, raylet = h.wait_for("a scorer actor at work on a GPU node", scorer_on_worker, 400,
+                               every=0.2)
+    assert not scoring.is_committed(run_id)
+    # the cluster's status sees the GPU nodes (so its empty list after a job means gone)
+    assert set(autoscaling.worker_types()) & GPU_TYPES
+    lost = next(a for a in _actor_files(scoring, run_id) if a["pid"] == actor.pid)
+    fault_at = datetime.now(UTC)
+    assert h.sigkill([raylet]) == [raylet.pid]
+    status = h.wait_job(autoscaling.home, job_id, timeout=600)
+    assert status == "SUCCEEDED", f"the job ended {status} after losing a GPU node"
+    marker, preds = h.committed(scoring.fs, scoring.pipe.lake, run_id)
+    assert datetime.fromisoformat(marker["committed_at"]) > fault_at
+    h.assert_same_predictions(preds, scoring.ref)
+    # the lost node's GPU time stays in the job's usage, under its node type
+    record = h.cli_json(None, "jobs", "show", job_id, "--lake", scoring.pipe.lake,
+                        env=autoscaling.env)
+    usage = record["result"]["usage"]
+    node = usage["by_node"].get(lost["node_id"])
+    assert node is not None, f"no usage for the lost node {lost['node_id']}: {usage}"
+    assert node["node_type"] == lost["node_type"] in GPU_TYPES
+    held = (fault_at - datetime.fromisoformat(lost["started_at"])).total_seconds()
+    assert node["gpu_seconds"] >= held, (node, held)
+    assert usage["by_node_type"][lost["node_type"]]["gpu_seconds"] >= node["gpu_seconds"]
+
+
+def _actor_id_of(scoring, run_id: str, pid: int) -> str:
+    """The actor id a scorer process recorded in the run's actors/ folder ('' if not yet)."""
+    return next((a["actor_id"] for a in _actor_files(scoring, run_id) if a["pid"] == pid), "")

@@ -1,0 +1,56 @@
+"""Usage by node and node type (cluster/infra/costs.py): an actor restarted on another node
+after its first node was lost pays for its time on both, each under its own node type."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from medray.cluster.infra import costs
+
+
+def _task(kind: str, node: str | None, start: int, end: int | None, actor: str = "a1",
+          res: dict | None = None) -> SimpleNamespace:
+    t0 = 1_790_000_000_000  # epoch ms
+    return SimpleNamespace(type=f"TaskType.{kind}", actor_id=actor, node_id=node,
+                           start_time_ms=t0 + start, end_time_ms=end and t0 + end,
+                           func_or_class_name="MapWorker.__init__",
+                           required_resources=res or {})
+
+
+@pytest.fixture
+def restarted_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import ray.util.state as state
+
+    tasks = [
+        # created at t=0 asking 1 CPU + 1 GPU, calls on node n1 until it was lost at t=40 s ...
+        _task("ACTOR_CREATION_TASK", None, 0, 5_000, res={"CPU": 1.0, "GPU": 1.0}),
+        _task("ACTOR_TASK", "n1", 5_000, 20_000),
+        _task("ACTOR_TASK", "n1", 20_000, 40_000),
+        # ... then restarted on n2, calls from t=60 s to t=90 s
+        _task("ACTOR_TASK", "n2", 60_000, 90_000),
+    ]
+    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
+    monkeypatch.setattr(state, "list_actors", lambda **_: [SimpleNamespace(
+        actor_id="a1", node_id="n2", repr_name="", class_name="MapWorker")])
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
+    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+
+
+def test_lost_node_keeps_its_time_under_its_type(restarted_actor: None) -> None:
+    usage = costs.job_usage(100.0, settle_tries=0)
+    assert usage["by_node"]["n1"] == {"node_type": "gpu_spot", "cpu_seconds": 40.0,
+                                      "gpu_seconds": 40.0}
+    assert usage["by_node"]["n2"]["gpu_seconds"] == 30.0
+    assert usage["by_node_type"]["gpu_spot"]["gpu_seconds"] == 40.0
+    assert usage["by_node_type"]["gpu_ondemand"]["gpu_seconds"] == 30.0
+    assert usage["node_types"] == ["gpu_ondemand", "gpu_spot"]
+
+
+def test_labelled_type_reads_ray_and_local_labels() -> None:
+    assert costs.labelled_type({"ray.io/node-group": "gpu_spot"}) == "gpu_spot"
+    assert costs.labelled_type({costs.NODE_TYPE_LABEL: "cpu_spot"}) == "cpu_spot"
+    assert costs.labelled_type({"market": "spot"}) is None
