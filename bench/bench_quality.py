@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import write_section
+from benchlib import RunFailed, medray, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
-MEDRAY = str(Path(sys.executable).parent / "medray")
 PARTS = ("defect", "variants", "seeds", "xray")
 LABELS = ["normal", "pneumonia"]
 GOALS = {"auroc": 0.96, "ece": 0.05, "rate": 0.85}
@@ -59,22 +57,6 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE
 XRAY_RUNS = (("defaults", 128, ()), ("--augment", 128, ("--augment",)),
              ("defaults", 224, ()))
-
-
-class RunFailed(Exception):
-    """One CLI run failed; the benchmark records it and goes on with the other parts."""
-
-
-def medray(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float]:
-    started = time.perf_counter()
-    proc = subprocess.run([MEDRAY, *args, "--json"], capture_output=True, text=True, env=env,
-                          check=False)  # noqa: S603 - our own CLI
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        print(f"medray {' '.join(args)} failed:\n{proc.stderr[-4000:]}", flush=True)
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
-        raise RunFailed(f"`medray {args[0]}` exited {proc.returncode}: {reason[:200]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
 # ------------------------------------------------------------------------------ the defect

@@ -18,38 +18,16 @@ import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import write_section
+from benchlib import RunFailed, medray, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
-MEDRAY = str(Path(sys.executable).parent / "medray")
 PARTS = ("default", "workers", "head", "x224")
-
-
-class RunFailed(Exception):
-    """One CLI run failed; the benchmark records it and goes on with the other parts."""
-
-
-def medray(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float]:
-    started = time.perf_counter()
-    proc = subprocess.run([MEDRAY, *args, "--json"], capture_output=True, text=True, env=env,
-                          check=False)  # noqa: S603 - our own CLI
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        print(f"medray {' '.join(args)} failed:\n{proc.stderr[-4000:]}", flush=True)
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
-        if "memory" in proc.stderr.lower() and "kill" in proc.stderr.lower():
-            reason = "killed by Ray's out-of-memory monitor (the shared machine ran out of RAM)"
-        raise RunFailed(f"`medray {args[0]}` exited {proc.returncode}: {reason[:200]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
 def card(lake: Path, model: str, version: int) -> dict[str, Any]:

@@ -1,13 +1,39 @@
-"""What the benchmark scripts share: a /proc process table, memory fields of a process, and
-rewriting one section of BENCHMARKS.md. Linux only (reads /proc)."""
+"""What the benchmark scripts share: a /proc process table, memory fields of a process,
+running the medray CLI with --json, and rewriting one section of BENCHMARKS.md. Linux only
+(reads /proc)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+MEDRAY = str(Path(sys.executable).parent / "medray")
+
+
+class RunFailed(Exception):
+    """One CLI run failed; the benchmark records it and goes on with the other parts."""
+
+
+def medray(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float]:
+    """Run ``medray ARGS --json`` in ``env``: its JSON result and the wall-clock seconds."""
+    started = time.perf_counter()
+    proc = subprocess.run([MEDRAY, *args, "--json"], capture_output=True, text=True, env=env,
+                          check=False)  # noqa: S603 - our own CLI
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        print(f"medray {' '.join(args)} failed:\n{proc.stderr[-4000:]}", flush=True)
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "?"
+        if "memory" in proc.stderr.lower() and "kill" in proc.stderr.lower():
+            reason = "killed by Ray's out-of-memory monitor (the shared machine ran out of RAM)"
+        raise RunFailed(f"`medray {args[0]}` exited {proc.returncode}: {reason[:200]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
 def proc_table() -> dict[int, tuple[int, str, int]]:

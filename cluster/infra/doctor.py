@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -342,16 +341,12 @@ def check_tensorflow_gpus(address: str | None, nodes: list[dict[str, Any]] | Non
             entrypoint=f"{jobs_client.job_python(address)} -m medray.cluster.infra.gpu_probe",
             runtime_env={"env_vars": {env.TF_CPP_MIN_LOG_LEVEL: "3"}},
             metadata={"medray_kind": "doctor"}, entrypoint_num_cpus=0)
-        deadline = time.monotonic() + PROBE_TIMEOUT_S
-        status = str(client.get_job_status(job).value)
-        while status not in jobs_client.TERMINAL and time.monotonic() < deadline:
-            time.sleep(1.0)
-            status = str(client.get_job_status(job).value)
+        status, logs = jobs_client.wait(job, address, timeout_s=PROBE_TIMEOUT_S)
         if status not in jobs_client.TERMINAL:
             client.stop_job(job)
             return Check("tensorflow", False, f"the probe job {job} did not end within "
                          f"{PROBE_TIMEOUT_S:g}s", "see `medray jobs logs " + job + "`")
-        result = wire.result_from_logs(str(client.get_job_logs(job)))
+        result = wire.result_from_logs(logs)
         if status != "SUCCEEDED" or result is None:
             return Check("tensorflow", False, f"the probe job {job} ended {status}",
                          "see `medray jobs logs " + job + "`")

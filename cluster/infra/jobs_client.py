@@ -147,9 +147,12 @@ def wait(
     address: str | None,
     on_log: Callable[[str], None] | None = None,
     poll_s: float = 1.0,
+    timeout_s: float | None = None,
 ) -> tuple[str, str]:
-    """Follow a job until it ends, passing new log text to ``on_log``; (status, full logs)."""
+    """Follow a job until it ends, passing new log text to ``on_log``; (status, full logs).
+    With ``timeout_s``, give up after that long: the status returned is then not terminal."""
     c = client(address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     seen = 0
     text = ""
     while True:
@@ -158,6 +161,6 @@ def wait(
         if on_log and len(text) > seen:
             on_log(text[seen:])
         seen = len(text)
-        if state in TERMINAL:
+        if state in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
             return state, text
         time.sleep(poll_s)
