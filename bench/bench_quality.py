@@ -9,7 +9,7 @@ Parts:
   loss, distributed step, class weights, ``precise_batchnorm``), for speed.
 - ``variants``: the defaults and the variants tried, in-process at 28 px over the seeds, with
   the test numbers computed as training and a report would (calibration and the Youden point
-  on validation).
+  on validation), and for the same models with temperature scaling alone.
 - ``seeds``: the defaults on PneumoniaMNIST over seeds 0, 1, 2 through the real CLI (stage,
   train, score the test split, report): test AUROC, test ECE before and after calibration,
   sensitivity and specificity at the Youden point chosen on validation, with the times.
@@ -23,6 +23,7 @@ local-folder lake.
 
     .venv/bin/python bench/bench_quality.py                 # everything (about 40 minutes)
     .venv/bin/python bench/bench_quality.py --only seeds
+    .venv/bin/python bench/bench_quality.py --only variants "--variants=light augmentation"
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
 PARTS = ("defect", "variants", "seeds", "xray")
 LABELS = ["normal", "pneumonia"]
 GOALS = {"auroc": 0.96, "ece": 0.05, "rate": 0.85}
-# in-process variants of the defaults tried at 28 px: (name, TrainSpec fields)
-VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("defaults", {}), ("--augment", {"augment": True}),
-    ("--learning-rate 1e-3", {"learning_rate": 1e-3}),
-    ("--class-weights none", {"class_weights": "none"}),
-    ("--epochs 20 --patience 6", {"epochs": 20, "patience": 6}))
+# in-process variants of the defaults tried at 28 px: (name, TrainSpec fields, build_model
+# keywords beyond the spec's)
+VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
+    ("defaults", {}, {}), ("--augment", {"augment": True}, {}),
+    ("--learning-rate 1e-3", {"learning_rate": 1e-3}, {}),
+    ("--class-weights none", {"class_weights": "none"}, {}),
+    ("--epochs 20 --patience 6", {"epochs": 20, "patience": 6}, {}),
+    ("per-image standardisation", {}, {"standardize": True}),
+    ("light augmentation", {}, {"augment": "crop=0.05,rotation=0.02,brightness=0.1"}),
+    ("--augment, per-image standardisation", {"augment": True}, {"standardize": True}))
+VARIANTS_ONLY: list[str] = []  # --variants: a subset of VARIANTS by name
 # folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE
 XRAY_RUNS = (("defaults", 128, ()), ("--augment", 128, ("--augment",)),
@@ -79,7 +85,8 @@ def resized(size: int) -> dict[str, np.ndarray]:
 
 
 def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int = 0,
-                     **flags: Any) -> tuple[list[dict[str, float]], Any]:
+                     build: dict[str, Any] | None = None, **flags: Any
+                     ) -> tuple[list[dict[str, float]], Any]:
     """The training loop of cluster/train/remote.py without Ray, on TrainSpec defaults
     overridden by ``flags`` (spec fields): per epoch (train loss, validation loss as the loop
     logs it, validation AUROC), with early stopping on validation AUROC; returns the rows and
@@ -99,8 +106,9 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
         if spec.class_weights == "auto" else (None, None)
     plan = tr.plan_batches(len(d["train_y"]), spec.batch_size, 1, tr.local_replicas(strategy))
     with strategy.scope():
-        model = build_model(spec.arch, size, 1, 2, False, seed=seed,
-                            augment=parse_augment(spec.augment))
+        shape = {"augment": spec.augment, **(build or {})}  # --augment as text, too
+        shape["augment"] = parse_augment(shape["augment"])
+        model = build_model(spec.arch, size, 1, 2, False, seed=seed, **shape)
         opt = keras.optimizers.Adam(learning_rate=spec.learning_rate)
         opt.build(model.trainable_variables)
         loss_fn = tr.make_loss(False, pos, neg)
@@ -140,8 +148,9 @@ def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
     """What training registers and a report measures, in-process: calibration and the Youden
     point on validation, then the pneumonia label on test."""
     from medray.workers import metrics
+    from medray.workers import operating_points as op
     from medray.workers import training as tr
-    from medray.workers.calibration import apply
+    from medray.workers.calibration import apply, apply_card, fit
     from medray.workers.operating_points import parse
     from medray.workers.validation import summarise
 
@@ -153,10 +162,22 @@ def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
     found = summarise(d["val_y"], val, None, LABELS, False, "val", parse("youden"), n_boot=0)
     temps = [found["calibration"]["temperature"][lab] for lab in LABELS]
     raw = scores("test")
-    cal = apply(raw, temps, False)[:, 1]
+    cal = apply_card(raw, found["calibration"], LABELS, False)[:, 1]
     y = d["test_y"][:, 1]
     at = metrics.threshold_metrics(y, cal, found["thresholds"]["pneumonia"])
-    return {"auroc": metrics.auroc(y, cal), "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
+    # the same model with temperature scaling alone (the form before the bias existed): the
+    # comparison of the two calibration forms costs no training
+    t_only = fit(val, d["val_y"], LABELS, False)
+    val_t = apply(val, [t_only[lab] for lab in LABELS], False)[:, 1]
+    test_t = apply(raw, [t_only[lab] for lab in LABELS], False)[:, 1]
+    at_t = metrics.threshold_metrics(y, test_t, op.threshold(d["val_y"][:, 1], val_t,
+                                                             op.parse("youden")[0]))
+    cal_card = found["calibration"]
+    return {"form": cal_card["form"]["pneumonia"], "bias": cal_card["bias"]["pneumonia"],
+            "val_ece": cal_card["ece_after"]["pneumonia"],
+            "ece_t_only": metrics.calibration(y, test_t)["ece"],
+            "specificity_t_only": at_t["specificity"],
+            "auroc": metrics.auroc(y, cal), "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
             "ece": metrics.calibration(y, cal)["ece"], "temperature": temps[1],
             "threshold": found["thresholds"]["pneumonia"], "mean_score": float(cal.mean()),
             "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
@@ -177,13 +198,15 @@ def part_defect(out: dict[str, Any], save: Any) -> None:
 def part_variants(out: dict[str, Any], seeds: list[int], save: Any) -> None:
     """The defaults and the variants tried, in-process at 28 px, each over ``seeds``."""
     d = resized(28)
-    for name, flags in VARIANTS:
+    for name, flags, build in VARIANTS:
+        if VARIANTS_ONLY and name not in VARIANTS_ONLY:
+            continue
         runs = out.setdefault("variants", {}).setdefault(name, [])
         for seed in seeds:
             if any(r["seed"] == seed for r in runs):
                 continue
             started = time.perf_counter()
-            rows, model = train_in_process(d, 28, True, seed, **flags)
+            rows, model = train_in_process(d, 28, True, seed, build, **flags)
             runs.append({"seed": seed, "seconds": time.perf_counter() - started,
                          "epochs_run": len(rows), **test_numbers(model, d)})
             save()
@@ -246,6 +269,8 @@ def part_seeds(env: dict[str, str], lake: Path, out: dict[str, Any], seeds: list
             "best_epoch": card["metrics"]["best_epoch"],
             "epochs_run": card["metrics"]["epochs_run"],
             "temperature": card["calibration"]["temperature"]["pneumonia"],
+            "form": (card["calibration"].get("form") or {}).get("pneumonia"),
+            "bias": (card["calibration"].get("bias") or {}).get("pneumonia"),
             "val_ece_before": trained["val_ece_before"],
             "val_ece_after": trained["val_ece_after"], "history": card["metrics"]["history"]}
         print(f"seed {seed}: {json.dumps(out['seeds'][str(seed)], default=str)[:600]}",
@@ -411,15 +436,25 @@ def report(args: argparse.Namespace, out: dict[str, Any], failed: dict[str, str]
         lines += ["Defaults and variants tried (in-process, medray's training loop with the fix, "
                   "early stopping, calibration and the Youden point on validation; seeds "
                   f"{args.seeds}; PneumoniaMNIST 28 px, test split); median (min-max) over "
-                  "seeds:", "",
-                  "| settings | test AUROC | test ECE raw | test ECE calibrated | sensitivity "
-                  "| specificity | mean calibrated score (test prevalence 0.625) | s per run |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "seeds. Calibration as training fits it (the form chosen by cross-fitting on "
+                  "validation), and, for the same models, temperature scaling alone:", "",
+                  "| settings | test AUROC | test ECE raw | form kept (seeds) | bias | val ECE "
+                  "calibrated | test ECE calibrated | sensitivity | specificity | mean "
+                  "calibrated score (test prevalence 0.625) | test ECE, T alone | specificity, "
+                  "T alone | s per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+                  "--- |"]
         for name, runs in variants.items():
             def col(key: str, runs: list[dict[str, Any]] = runs) -> str:
-                return _spread([r[key] for r in runs])
-            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {col('ece')} | "
+                values = [r[key] for r in runs if key in r]
+                return _spread(values) if values else "-"
+            forms = [r.get("form") for r in runs]
+            kept = ", ".join(f"{f} ({forms.count(f)})" for f in sorted(set(forms), key=str)
+                             if f)
+            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {kept or '-'} | "
+                         f"{col('bias')} | {col('val_ece')} | {col('ece')} | "
                          f"{col('sensitivity')} | {col('specificity')} | {col('mean_score')} | "
+                         f"{col('ece_t_only')} | {col('specificity_t_only')} | "
                          f"{np.median([r['seconds'] for r in runs]):.0f} |")
         lines.append("")
     seeds = out.get("seeds")
@@ -493,12 +528,15 @@ def main() -> None:
     parser.add_argument("--xray-runs", default="",
                         help="only these folder-of-X-ray runs, NAME@SIZE comma-separated "
                         "(e.g. defaults@128); default all")
+    parser.add_argument("--variants", default="",
+                        help="only these in-process variants, by name, ';'-separated")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON file of earlier parts' results: merged, then rewritten (run "
                         "the parts in separate sittings, write the section once)")
     args = parser.parse_args()
     parts = [p for p in PARTS if p in args.only.split(",")]
+    VARIANTS_ONLY.extend(v.strip() for v in args.variants.split(";") if v.strip())
     XRAY_ONLY.extend(r.strip() for r in args.xray_runs.split(",") if r.strip())
     work = Path(tempfile.mkdtemp(prefix="medray-bench-quality-"))
     home, lake = work / "home", work / "lake"

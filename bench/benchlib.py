@@ -1,6 +1,6 @@
-"""What the benchmark scripts share: a /proc process table, memory fields of a process,
-running the medray CLI with --json, and rewriting one section of BENCHMARKS.md. Linux only
-(reads /proc)."""
+"""What the benchmark scripts share: a /proc process table, memory fields and start time of a
+process, running the medray CLI with --json, and rewriting one section of BENCHMARKS.md. Linux
+only (reads /proc)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,13 @@ def write_section(title: str, text: str, path: Path = ROOT / "BENCHMARKS.md") ->
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else (
         old.rstrip("\n") + "\n\n" + text)
     path.write_text(new)
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the OS started process ``pid``, in epoch seconds (10 ms ticks); None once gone."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")

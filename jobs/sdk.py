@@ -240,6 +240,7 @@ def predict(
 ) -> dict[str, list[tuple[str, float]]]:
     import numpy as np
 
+    from medray.workers import calibration
     from medray.workers.imaging import decode_image
     from medray.workers.models import configure_tensorflow, load_model
 
@@ -252,7 +253,9 @@ def predict(
         img = decode_image(
             Path(path).read_bytes(), size=card.input_size, channels=card.channels, name=path
         )
-        scores = np.asarray(model(img.pixels[None].astype("float32"), training=False))[0]
+        raw = np.asarray(model(img.pixels[None].astype("float32"), training=False))
+        # the card's calibration, as every scorer applies it: its thresholds are on this scale
+        scores = calibration.apply_card(raw, card.calibration, card.labels, card.multi_label)[0]
         out[path] = sorted(
             zip(card.labels, (float(s) for s in scores), strict=True), key=lambda kv: -kv[1]
         )

@@ -59,8 +59,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("jpeg", "png", "dicom", "bmp", "tiff", "gif", "webp", "array")
 # In the shard-reuse key: bump it when decoded pixels or their metadata change, so images
-# staged by an older decoder are decoded again
-DECODER_VERSION = "medray-decode-2"
+# staged by an older decoder are decoded again. 3: colour JPEGs staged gray take libjpeg's
+# luma (draft mode "L") instead of Pillow's RGB -> L, at most a level or two apart.
+DECODER_VERSION = "medray-decode-3"
 _PIL_FORMATS = {
     "jpeg": "JPEG",
     "png": "PNG",
@@ -207,7 +208,10 @@ def _decode_pillow(
             if fmt == "jpeg":
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying >= size: big
                 # radiographs decode several times faster and in a fraction of the memory.
-                img.draft(img.mode, (size, size))
+                # Staged gray, a colour JPEG decodes its luma only: no chroma upsampling,
+                # no colour conversion (ITU-R 601 luma either way).
+                img.draft("L" if channels == 1 and img.mode == "RGB" else img.mode,
+                          (size, size))
             img.load()
         except Exception as exc:  # noqa: BLE001
             kind = _failure_kind(exc, data, fmt)

@@ -116,7 +116,8 @@ def limitations(card: ModelCard, extra: list[str] | None = None) -> list[str]:
         out.append("The dataset has no validation split: thresholds and calibration were "
                    "chosen on the test split, so test metrics of this dataset are optimistic.")
     if card.calibration:
-        out.append("Calibration (temperature scaling) was fitted on the validation split: a "
+        out.append("Calibration (temperature scaling, with a bias where validation kept one) "
+                   "was fitted on the validation split: a "
                    "different prevalence elsewhere shifts predictive values (PPV, NPV) and "
                    "calibration; re-check both on local data.")
     prev = (card.training_data or {}).get("splits", {}).get("train", {})
@@ -208,6 +209,13 @@ SCHEMA: dict[str, Any] = {
                 "temperature": {"type": "object",
                                 "additionalProperties": {"type": "number",
                                                          "exclusiveMinimum": 0}},
+                # optional: cards written before the bias existed hold temperatures alone
+                "bias": {"type": "object", "additionalProperties": {"type": "number"}},
+                "form": {"type": "object", "additionalProperties": {
+                    "enum": ["temperature", "temperature+bias"]}},
+                "selection": {"type": "string"},
+                "heldout_nll": {"type": "object", "additionalProperties": {
+                    "type": "object", "additionalProperties": {"type": "number"}}},
                 "ece_before": {"type": "object", "additionalProperties": _NUM},
                 "ece_after": {"type": "object", "additionalProperties": _NUM}},
             "dependentRequired": {"method": ["temperature", "fitted_on"]}},
@@ -278,10 +286,15 @@ def sections(card: dict[str, Any]) -> list[tuple[str, list[str]]]:
     cal = card.get("calibration") or {}
     if cal:
         temps = ", ".join(f"{k} {_fmt(v)}" for k, v in (cal.get("temperature") or {}).items())
+        if cal.get("bias"):
+            temps += "; bias " + ", ".join(f"{k} {_fmt(v)}" for k, v in cal["bias"].items())
+        forms = sorted(set((cal.get("form") or {}).values()))
         before = ", ".join(f"{k} {_fmt(v)}" for k, v in (cal.get("ece_before") or {}).items())
         after = ", ".join(f"{k} {_fmt(v)}" for k, v in (cal.get("ece_after") or {}).items())
         lines = [f"{cal.get('method')} on {cal.get('fitted_on')} ({cal.get('images')} images): "
-                 f"T = {temps}", f"ECE before: {before}", f"ECE after: {after}",
+                 f"T = {temps}",
+                 *([f"form: {', '.join(forms)} ({cal.get('selection')})"] if forms else []),
+                 f"ECE before: {before}", f"ECE after: {after}",
                  "scores are calibrated when scored; raw_score_<label> keeps the model's own"]
     else:
         lines = ["none: scores are the model's own probabilities"]

@@ -119,12 +119,15 @@ def build_model(
     dropout: float = 0.2,
     seed: int = 0,
     augment: Augment | None = None,
+    standardize: bool = False,
 ) -> Any:
     """A classifier taking uint8-valued pixels (H, W, C) and giving one score per label.
 
     Layout: pixels -> [aug_* layers] -> scaling -> backbone -> ``features`` (a vector) ->
     ``dropout`` -> ``scores`` (Dense). ``--mode head`` trains only the last two.
     ``weights="imagenet"`` downloads through Keras; anything else starts from the seed.
+    ``standardize`` (small_cnn): each image scaled to mean 0, variance 1 over its own pixels
+    instead of by 1/255, in the graph, so scoring does exactly what training did.
     """
     import keras
 
@@ -138,7 +141,9 @@ def build_model(
         x = layer(x)
     activation = "sigmoid" if multi_label or n_labels == 1 else "softmax"
     if arch == "small_cnn":
-        x = keras.layers.Rescaling(1.0 / 255, name="scale")(x)
+        x = (keras.layers.LayerNormalization(axis=(1, 2, 3), epsilon=1e-3, center=False,
+                                             scale=False, name="scale") if standardize
+             else keras.layers.Rescaling(1.0 / 255, name="scale"))(x)
         # Large inputs (224 px X-rays) first go through strided stem convs down to <= 48 px,
         # so a CPU epoch over a few thousand images takes seconds, not minutes; at MNIST-like
         # sizes (28 px) there is no stem and the net is three conv blocks.
@@ -336,6 +341,32 @@ def backbone_of(model: Any) -> Any | None:
         if isinstance(layer, keras.Model):
             return layer
     return None
+
+
+def import_tensorflow() -> float:
+    """Import TensorFlow for loading and running models, without the scikit-learn that Keras
+    pulls in with it; returns the seconds the import took (0 when already imported).
+
+    Keras 3 imports scikit-learn (and SciPy's stats with it) whenever it is installed, only for
+    its scikit-learn wrapper classes, which loading or running a model never uses: about 0.65 s
+    of a 2.9 s import on 2 cores (BENCHMARKS.md, Start-up), paid by every scorer actor. While
+    TensorFlow loads, scikit-learn is marked missing; the mark goes at once, so a later
+    ``import sklearn`` in the process works as usual (only Keras's wrappers stay off).
+    """
+    import sys
+
+    if "tensorflow" in sys.modules:
+        return 0.0
+    started = time.perf_counter()
+    hide = "sklearn" not in sys.modules
+    if hide:
+        sys.modules["sklearn"] = None  # type: ignore[assignment] # Python's "not installed" mark
+    try:
+        import tensorflow  # noqa: F401 - the import is the point
+    finally:
+        if hide and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
+    return time.perf_counter() - started
 
 
 def load_model(path: str) -> Any:

@@ -1,9 +1,9 @@
 """The scorer: a plain class that loads a model once and turns a batch of shard rows into
 the same number of prediction rows. Ray wraps it in an actor pool elsewhere.
 
-A model card with a calibration (temperature scaling, fitted on validation at training) makes
-``score_<label>`` the calibrated probability, the scale the card's thresholds were chosen on;
-the model's own output stays beside it as ``raw_score_<label>``."""
+A model card with a calibration (temperature scaling, with a bias where validation kept one,
+fitted at training) makes ``score_<label>`` the calibrated probability, the scale the card's
+thresholds were chosen on; the model's own output stays beside it as ``raw_score_<label>``."""
 
 from __future__ import annotations
 
@@ -191,12 +191,14 @@ class Scorer:
         self._predict = compiled_predict(self.model, self.shape)
         self._predict(np.zeros((1, *self.shape), dtype=np.uint8))  # trace once, before timing
         self.temperatures = calibration.temperatures(self.card.calibration, self.labels)
+        self.biases = calibration.biases(self.card.calibration, self.labels)
 
     def calibrated(self, raw: np.ndarray) -> np.ndarray:
-        """The card's temperature scaling applied to raw model scores (as is without one)."""
+        """The card's calibration (temperatures, and biases where it has them) applied to raw
+        model scores (as is without one)."""
         if self.temperatures is None:
             return raw
-        return calibration.apply(raw, self.temperatures, self.card.multi_label)
+        return calibration.apply(raw, self.temperatures, self.card.multi_label, self.biases)
 
     def _scores(self, x: np.ndarray, ok: np.ndarray, errors: list[str | None]) -> np.ndarray:
         scores = np.full((len(x), len(self.labels)), np.nan, dtype=np.float32)

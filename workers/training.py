@@ -170,7 +170,9 @@ def precise_batchnorm(model: Any, batches: Sequence[np.ndarray]) -> int:
     epoch to epoch while the training loss fell; with fresh statistics it stays at 0.14-0.30
     (BENCHMARKS.md, "Quality"). Each batch runs in training mode with momentum 0, which leaves
     that batch's moments in the moving variables; the union of the batches' moments (within-
-    plus between-batch variance) is then assigned.
+    plus between-batch variance) is then assigned. The batches skip the model's ``aug_*``
+    layers (they run in training mode too): inference sees unaugmented images, so the
+    statistics must be theirs, or augmentation turns into a bias at inference.
     """
     layers = batchnorm_layers(model)
     batches = [b for b in batches if len(b)]
@@ -184,7 +186,8 @@ def precise_batchnorm(model: Any, batches: Sequence[np.ndarray]) -> int:
     try:
         for layer in layers:
             layer.momentum = 0.0  # read when traced below: moving stats = this batch's
-        forward = tf.function(lambda x: model(x, training=True), reduce_retracing=True)
+        plain = unaugmented(model)
+        forward = tf.function(lambda x: plain(x, training=True), reduce_retracing=True)
         for x in batches:
             forward(tf.cast(x, tf.float32))
             for i, layer in enumerate(layers):
@@ -201,6 +204,17 @@ def precise_batchnorm(model: Any, batches: Sequence[np.ndarray]) -> int:
         layer.moving_mean.assign(mean.astype(np.float32))
         layer.moving_variance.assign((w @ v + w @ (m - mean) ** 2).astype(np.float32))
     return len(layers)
+
+
+def unaugmented(model: Any) -> Any:
+    """The model from just after its last ``aug_*`` layer (shared layers, no copy); the model
+    itself when it has none."""
+    import keras
+
+    aug = [layer for layer in model.layers if layer.name.startswith("aug_")]
+    if not aug:
+        return model
+    return keras.Model(aug[-1].output, model.output, name=f"{model.name}_unaugmented")
 
 
 def predict(model: Any, batches: Iterable[np.ndarray]) -> np.ndarray:

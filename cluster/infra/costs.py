@@ -1,7 +1,9 @@
 """What a job used and what it cost: wall time, CPU- and GPU-seconds per node type.
 
 Usage comes from Ray's state API for the job's tasks and actors: a task holds its resources
-from start to end; an actor holds them from its creation until its last method call ends.
+from start to end; an actor holds them from its creation until its last method call ends. An
+actor in a placement group (a Ray Train worker) asks for its bundle's resources, which Ray
+names per group (``GPU_group_<pg>``): they count as the plain resource they reserve.
 Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named by
 ``MEDRAY_PRICES`` (see configs/cluster/prices.yaml); without one, cost is left out, never guessed.
 """
@@ -9,6 +11,7 @@ Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named b
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -19,6 +22,21 @@ from medray.cluster.infra import env
 from medray.cluster.infra.ray_local import NODE_TYPE_LABEL
 
 log = logging.getLogger(__name__)
+# Ray names a placement group's resources twice: ``CPU_group_<pg id>`` for the group and
+# ``CPU_group_<bundle>_<pg id>`` for the bundle, each with the same amount; one is counted
+_GROUP_RESOURCE = re.compile(r"^(?P<name>.+)_group_(?P<bundle>\d+_)?[0-9a-f]+$")
+
+
+def plain_resources(res: Mapping[str, float]) -> dict[str, float]:
+    """``res`` with placement-group resources under the plain names they reserve."""
+    out: dict[str, float] = defaultdict(float)
+    for key, amount in res.items():
+        group = _GROUP_RESOURCE.match(key)
+        if group is None:
+            out[key] += amount
+        elif not group["bundle"]:
+            out[group["name"]] += amount
+    return dict(out)
 
 
 def load_prices(path: str | None = None) -> dict[str, dict[str, float]] | None:
@@ -109,6 +127,7 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
     )
 
     def held(node: str, res: dict[str, float], ms: float) -> None:
+        res = plain_resources(res)
         for bucket in (per_type[node_type.get(node, "unknown")], per_node[node]):
             bucket["cpu_seconds"] += res.get("CPU", 0.0) * ms / 1000
             bucket["gpu_seconds"] += res.get("GPU", 0.0) * ms / 1000

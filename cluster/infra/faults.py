@@ -4,6 +4,8 @@
 
 - ``stage_crash_on:TEXT``: a staging decoder dies on the first input whose URI contains TEXT;
 - ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N;
+- ``train_epoch_delay:S``: every training worker waits S seconds after each epoch's checkpoint,
+  so a test can take a worker's node away between two epochs (without burning CPU);
 - ``score_batch_delay:S``: a scorer actor waits S seconds after each batch, so a test's score
   job is still running (without burning CPU) when it stops, kills or races it;
 - ``stage_pause_after_listing:S``: a DICOMweb staging waits S seconds between its QIDO-RS
@@ -40,18 +42,23 @@ def train_exit_epoch() -> int | None:
         return None
 
 
+def train_epoch_delay() -> float:
+    """S of ``train_epoch_delay:S`` (0.0 when unset or not a number)."""
+    return _seconds("train_epoch_delay:")
+
+
 def score_batch_delay() -> float:
     """S of ``score_batch_delay:S`` (0.0 when unset or not a number)."""
-    value = _value("score_batch_delay:")
-    try:
-        return max(0.0, float(value)) if value is not None else 0.0
-    except ValueError:
-        return 0.0
+    return _seconds("score_batch_delay:")
 
 
 def stage_pause_after_listing() -> float:
     """S of ``stage_pause_after_listing:S`` (0.0 when unset or not a number)."""
-    value = _value("stage_pause_after_listing:")
+    return _seconds("stage_pause_after_listing:")
+
+
+def _seconds(prefix: str) -> float:
+    value = _value(prefix)
     try:
         return max(0.0, float(value)) if value is not None else 0.0
     except ValueError:

@@ -18,6 +18,12 @@ from medray.workers.specs import JobSpec
 
 log = logging.getLogger(__name__)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How often a waiting CLI reads the log of a young job (and for how long a job is young), and
+# asks the status of an exiting one: a status is cheap, a whole log is not
+YOUNG_POLL_S = 0.5
+YOUNG_FOR_S = 60.0
+EXIT_POLL_S = 0.1
+_EXIT_WAIT_S = 10.0  # then back to following the log: the driver may be stuck in its exit
 
 
 def client(address: str | None) -> Any:
@@ -150,9 +156,16 @@ def wait(
     timeout_s: float | None = None,
 ) -> tuple[str, str]:
     """Follow a job until it ends, passing new log text to ``on_log``; (status, full logs).
-    With ``timeout_s``, give up after that long: the status returned is then not terminal."""
+    With ``timeout_s``, give up after that long: the status returned is then not terminal.
+
+    Small jobs are what users run all day, so the end is noticed quickly without asking more
+    often during a long job: the log is read every ``YOUNG_POLL_S`` for the first
+    ``YOUNG_FOR_S`` and every ``poll_s`` after that, and once the job has printed its result
+    (or error) line only its exit is left, so the status is then asked every ``EXIT_POLL_S``.
+    """
     c = client(address)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
     seen = 0
     text = ""
     while True:
@@ -163,4 +176,25 @@ def wait(
         seen = len(text)
         if state in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
             return state, text
-        time.sleep(poll_s)
+        if wire.RESULT in text or wire.ERROR in text:  # the driver is exiting
+            state = _wait_exit(c, job_id, deadline)
+            if state in TERMINAL:
+                text = str(c.get_job_logs(job_id))
+                if on_log and len(text) > seen:
+                    on_log(text[seen:])
+                return state, text
+        fast = time.monotonic() - started < YOUNG_FOR_S
+        time.sleep(min(poll_s, YOUNG_POLL_S) if fast else poll_s)
+
+
+def _wait_exit(c: Any, job_id: str, deadline: float | None) -> str:
+    """Ask the job's status every ``EXIT_POLL_S`` while its driver exits (at most
+    ``_EXIT_WAIT_S``, and never past ``deadline``); the last status seen."""
+    until = time.monotonic() + _EXIT_WAIT_S
+    if deadline is not None:
+        until = min(until, deadline)
+    while True:
+        state = str(c.get_job_status(job_id).value)
+        if state in TERMINAL or time.monotonic() >= until:
+            return state
+        time.sleep(EXIT_POLL_S)

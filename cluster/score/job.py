@@ -39,7 +39,7 @@ from medray.cluster.infra.context import JobContext
 from medray.cluster.score import resume, sizing
 from medray.cluster.score.commit import RunFiles, commit, write_shard, written
 from medray.cluster.score.precheck import check_resume, check_sizes, no_gpu_message
-from medray.cluster.score.remote import ScorerActor, ShardReader
+from medray.cluster.score.remote import PoolStart, ScorerActor, ShardReader
 from medray.cluster.score.usage import EVERY_S as USAGE_EVERY_S
 from medray.cluster.score.usage import UsageRecorder
 from medray.cluster.store import catalog, layout, leases, registry, runs
@@ -57,8 +57,10 @@ _PROGRESS_EVERY_S = 5.0
 # The scorer pool is fully started before the first batch is handed out: a run is then spread
 # over every actor it asked for (a small run used to finish on the first actor ready while the
 # others were still importing TensorFlow), and an actor that cannot start (its model does not
-# load) fails the run at once with its own error. Bounded, so a cluster that never frees the
-# CPUs gives a clear failure instead of a job that waits forever.
+# load) fails the run at once with its own error. The readers hold their rows back until then
+# (``remote.PoolStart``) rather than Ray Data's own wait, which would start the pools one after
+# the other. Bounded, so a cluster that never frees the CPUs gives a clear failure instead of a
+# job that waits forever.
 ACTOR_START_TIMEOUT_S = 1800
 
 
@@ -279,12 +281,16 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
 
     spec, pending = attempt.spec, attempt.pending
     size = attempt.sizing or sizing.Sizing.given(spec, attempt.gpus)
-    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # both pools start at once: each pool's own wait would start the scorers after a reader
+    ray.data.DataContext.get_current().wait_for_min_actors_s = -1
+    start = PoolStart(run_id=attempt.files.run_id, job_id=attempt.job_id, actors=size.actors,
+                      timeout_s=ACTOR_START_TIMEOUT_S)
     ds = ray.data.from_items([{"path": p} for p in pending], override_num_blocks=len(pending))
     rows = ds.map_batches(
         ShardReader,
         # one block per scorer batch, so the batches of even one shard spread over the pool
-        fn_constructor_args=(lake.uri, spec.split, attempt.skip, attempt.only, size.batch_size),
+        fn_constructor_args=(lake.uri, spec.split, attempt.skip, attempt.only, size.batch_size,
+                             start),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(2, len(pending))),

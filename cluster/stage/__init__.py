@@ -6,7 +6,7 @@
 - ``sources`` picks the lister: ``listing`` (folders, S3 prefixes, single files),
   ``csv_source`` (CSV/TSV manifests), ``npz_source`` (MedMNIST arrays, and the tasks that
   stream them);
-- ``pipeline``: the Ray Data pipeline from a listing to decoded batches, retries bounded;
+- ``pipeline``: decoder actors from a listing to decoded batches, in order, retries bounded;
 - ``writer``: balanced shards and the errors table; ``reuse``: the previous version's shards;
 - ``dicomweb_source``: a PACS listed by QIDO-RS, its instances retrieved by WADO-RS;
 - ``purge``: deleting versions, reading errors (the private DICOM path linkage the job writes

@@ -1,6 +1,6 @@
-"""The stage job on the job driver: list a source, decode it in a Ray Data actor pool (streaming)
-and write a new dataset version: balanced zstd Parquet shards, the errors table, and the
-manifest last.
+"""The stage job on the job driver: list a source, decode it in Ray decoder actors (streaming,
+``pipeline``) and write a new dataset version: balanced zstd Parquet shards, the errors table,
+and the manifest last.
 
 The version number is claimed (create-if-absent) before anything is written under it, so two
 jobs staging one dataset never share a version. The driver holds at most about one shard of
@@ -152,6 +152,9 @@ class _Version:
                           ) if previous else 0.0
         bar = self.bar = events.Phase(f"staging {self.name}:{self.version}", "files",
                                       listing.inputs)
+        # this line and the first batch's mark the start-up phases (bench/bench_stage.py)
+        log.info("%s:%d: decode pipeline starting, %.1fs after the job's start", self.name,
+                 self.version, time.monotonic() - self.started)
         try:
             for batch in pipeline.decoded_batches(listing, spec, options):
                 self._consume(batch, previous, listing.inputs, small_bytes)
@@ -215,6 +218,8 @@ class _Version:
         t = self.tally
         if t.first_batch_at is None:  # from here on the pipeline streams: its steady rate
             t.first_batch_at, t.first_batch_files = time.monotonic(), batch.num_rows
+            log.info("%s:%d: first decoded batch, %.1fs after the job's start", self.name,
+                     self.version, t.first_batch_at - self.started)
         t.files += batch.num_rows
         t.bytes_read += int(pc.sum(batch.column("_bytes")).as_py() or 0)
         self.linkage.add(batch.column("source_uri").to_pylist(),

@@ -2,7 +2,9 @@
 
 Listing runs on the job driver and produces item rows (``ITEM_SCHEMA``) that travel to the
 decoders as one compact Arrow table. Folders are listed with one request stream per top-level
-folder, in parallel threads, so an S3 prefix with many sub-prefixes lists in parallel.
+folder, in parallel threads, so an S3 prefix with many sub-prefixes lists in parallel. A folder's
+rows go into Arrow a chunk at a time (``ItemsBuilder``): a dict per file for the whole tree
+would cost the driver about a kilobyte per image at its peak (issue 17).
 
 Folder layouts (``--format auto`` picks one):
 - folder: ``root/<label>/...`` as TensorFlow's retrain.py read it, or ``root/<split>/<label>/...``
@@ -85,18 +87,54 @@ class FolderItems:
     """The items of a folder tree and what the tree's shape said about them."""
 
     format: str                         # "folder" or "dicom"
-    items: list[dict[str, Any]]         # ITEM_SCHEMA rows
+    table: pa.Table                     # ITEM_SCHEMA rows, in listing order
     has_splits: bool
     skipped: list[str]                  # side files left out, relative to the root
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The rows as dicts (for small trees and tests; the job keeps the table)."""
+        return self.table.to_pylist()
 
 
 def items_table(items: Iterable[dict[str, Any]]) -> pa.Table:
     """Item dicts (any subset of ITEM_SCHEMA's keys) as one ITEM_SCHEMA table."""
-    cols: dict[str, list[Any]] = {f.name: [] for f in ITEM_SCHEMA}
+    builder = ItemsBuilder()
     for it in items:
-        for name in cols:
-            cols[name].append(it.get(name))
-    return pa.Table.from_pydict(cols, schema=ITEM_SCHEMA)
+        builder.add(it)
+    return builder.table()
+
+
+class ItemsBuilder:
+    """ITEM_SCHEMA rows added one at a time and turned into Arrow every ``chunk`` rows, so a
+    listing holds Python objects for one chunk of files, never for the whole collection."""
+
+    def __init__(self, chunk: int = 8192) -> None:
+        self.chunk = chunk
+        self.cols: dict[str, list[Any]] = {f.name: [] for f in ITEM_SCHEMA}
+        self.chunks: list[pa.Table] = []
+        self.pending = 0
+
+    def add(self, item: dict[str, Any]) -> None:
+        for name, col in self.cols.items():
+            col.append(item.get(name))
+        self.pending += 1
+        if self.pending >= self.chunk:
+            self._flush()
+
+    def table(self) -> pa.Table:
+        """Every row added so far, as one ITEM_SCHEMA table (of ``chunk``-row chunks: joining
+        them would copy the whole listing once more at its peak)."""
+        self._flush()
+        if not self.chunks:
+            return ITEM_SCHEMA.empty_table()
+        return pa.concat_tables(self.chunks)
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.chunks.append(pa.Table.from_pydict(self.cols, schema=ITEM_SCHEMA))
+            self.cols = {name: [] for name in self.cols}
+            self.pending = 0
 
 
 # ---------------------------------------------------------------------------- format
@@ -130,7 +168,7 @@ def detect_format(source: str) -> str:
 
 
 # ---------------------------------------------------------------------------- trees
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file of a tree: slots keep it small
 class Entry:
     """One file of a tree: its path below the root, its size, or why it cannot be read."""
 
@@ -142,28 +180,39 @@ class Entry:
 def _walk_local(root: str, top: str) -> Iterator[Entry]:
     """Files below ``top`` without following symlinked folders (a link to an ancestor would
     loop); sockets, FIFOs and devices are left out (reading a FIFO blocks forever)."""
+    prefix = root.rstrip(os.sep) + os.sep
     stack = [top]
     while stack:
         folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            # iterated, not listed: a folder of 100k files would hold 100k DirEntry objects
+            entries = os.scandir(folder)
         except OSError as exc:
             yield Entry(os.path.relpath(folder, root), None,
                         ("unreadable", f"cannot list folder: {type(exc).__name__}: {exc}"))
             continue
-        for entry in entries:
-            rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if not _hidden(entry.name):  # never walk into .git and the like
-                        stack.append(entry.path)
-                    continue
-                st = entry.stat(follow_symlinks=True)
-            except OSError as exc:  # a dangling link or a file that vanished
-                yield Entry(rel, None, ("unreadable", f"{type(exc).__name__}: {exc}"))
+        with entries:
+            yield from _folder_entries(entries, root, prefix, stack)
+
+
+def _folder_entries(entries: Iterator[os.DirEntry[str]], root: str, prefix: str,
+                    stack: list[str]) -> Iterator[Entry]:
+    """The files of one open folder; its subfolders go on ``stack``."""
+    for entry in entries:
+        path = entry.path
+        rel = (path[len(prefix):] if path.startswith(prefix) else
+               os.path.relpath(path, root)).replace(os.sep, "/")
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if not _hidden(entry.name):  # never walk into .git and the like
+                    stack.append(entry.path)
                 continue
-            if stat.S_ISREG(st.st_mode):
-                yield Entry(rel, st.st_size)
+            st = entry.stat(follow_symlinks=True)
+        except OSError as exc:  # a dangling link or a file that vanished
+            yield Entry(rel, None, ("unreadable", f"{type(exc).__name__}: {exc}"))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield Entry(rel, st.st_size)
 
 
 def list_tree(source: str) -> tuple[pafs.FileSystem, str, list[Entry]]:
@@ -233,22 +282,22 @@ def folder_items(source: str, fmt: str = "auto",
         exts = Counter(posixpath.splitext(e.rel)[1].lower() for e in kept if not e.error)
         dicom = sum(exts[x] for x in DICOM_EXT)
         fmt = "dicom" if fmt == "auto" and dicom and dicom * 2 >= sum(exts.values()) else "folder"
-    parts_of = [e.rel.split("/") for e in kept]
-    top_dirs = {p[0] for p in parts_of if len(p) > 1}
+    # the paths are split again in each pass rather than kept split: a list per file is what
+    # made a large listing's peak memory grow
+    top_dirs = {e.rel.split("/", 1)[0] for e in kept if "/" in e.rel}
     has_splits = bool(top_dirs) and all(d.lower() in SPLIT_DIRS for d in top_dirs)
     depth = 2 if has_splits else 1  # path parts before the label folder name
-    labelled = [len(p) > depth for p in parts_of]
-    use_labels = any(labelled)
+    use_labels = any(e.rel.count("/") >= depth for e in kept)
     if fmt == "dicom" and use_labels:
         # patient/study/series trees are not label folders (and their names may be PHI), nor
         # are folders named like patients (a '^' of a person name, a record number's digits)
-        use_labels = all(len(p) == depth + 1 for p, has in zip(parts_of, labelled, strict=True)
-                         if has) and not any(_PATIENT_LIKE.search(p[depth - 1])
-                                             for p, has in zip(parts_of, labelled, strict=True)
-                                             if has)
+        labelled = [p for p in (e.rel.split("/") for e in kept) if len(p) > depth]
+        use_labels = all(len(p) == depth + 1 for p in labelled) and not any(
+            _PATIENT_LIKE.search(p[depth - 1]) for p in labelled)
     known = set(label_names or [])
-    items = []
-    for e, parts in zip(kept, parts_of, strict=True):
+    items = ItemsBuilder()
+    for e in kept:
+        parts = e.rel.split("/")
         name = parts[-1]
         split = SPLIT_DIRS[parts[0].lower()] if has_splits and len(parts) > 1 else None
         label = parts[depth - 1] if use_labels and len(parts) > depth else None
@@ -272,7 +321,8 @@ def folder_items(source: str, fmt: str = "auto",
         elif known and label is not None and label not in known:
             item["error_type"] = "unknown_label"
             item["error_message"] = f"label {label!r} is not one of --label-names"
-        items.append(item)
-    if not items:
+        items.add(item)
+    table = items.table()
+    if table.num_rows == 0:
         raise ConfigError(f"no image files under {source} ({len(skipped)} other files skipped)")
-    return FolderItems(fmt, items, has_splits, skipped)
+    return FolderItems(fmt, table, has_splits, skipped)

@@ -2,7 +2,7 @@
 ``images`` / ``labels``).
 
 The driver reads only the arrays' headers (and, for class-index labels, the label arrays, to
-count the classes) and lists one item per image array; Ray Data tasks then stream each array
+count the classes) and lists one item per image array; Ray tasks then stream each array
 in chunks of rows (``read_npz_member``), so no array is ever loaded whole. Every array is
 bounded like image files from its .npy header before a byte of it is read (``image_bound``):
 an .npz bomb is one ``too_large`` errors row.
@@ -218,10 +218,10 @@ def npz_listing(uri: str, names: list[str] | None,
                    multi, has_splits)
 
 
-# ---------------------------------------------------------------------------- Ray Data tasks
+# ---------------------------------------------------------------------------- Ray tasks
 def read_npz_member(batch: pa.Table) -> Iterator[pa.Table]:
-    """Ray Data UDF: one member descriptor in, item tables of array rows out (at most NPZ_CHUNK
-    rows and about CHUNK_BYTES each)."""
+    """A Ray task (``pipeline``): one member descriptor in, item tables of array rows out (at
+    most NPZ_CHUNK rows and about CHUNK_BYTES each)."""
     logs.configure()
     for member in batch.to_pylist():
         if member.get("error_type"):  # refused from its header while listing: never read

@@ -1,11 +1,11 @@
 """What Ray runs for the stage job in other processes: the batch decoder actors.
 
-``BatchDecoder`` runs in a Ray Data actor pool: it reads the files of a batch concurrently (I/O
-overlaps; a ``dicomweb://`` item is a PACS instance retrieved by WADO-RS into memory,
-``dicomweb_source.retrieve``), decodes them one by one and returns shard rows or error rows
-(``OUT_SCHEMA``); a crash guard (``crash``) keeps a poison input from killing it forever.
+``BatchDecoder`` runs as one Ray actor per CPU (``pipeline``): it reads the files of a batch
+concurrently (I/O overlaps; a ``dicomweb://`` item is a PACS instance retrieved by WADO-RS into
+memory, ``dicomweb_source.retrieve``), decodes them one by one and returns shard rows or error
+rows (``OUT_SCHEMA``); a crash guard (``crash``) keeps a poison input from killing it forever.
 The .npz reading tasks live with their source (``npz_source.read_npz_member``). Plain code:
-Ray Data applies the remote wrapping where the pipeline is built.
+``pipeline`` applies the remote wrapping where it starts the actors.
 
 DICOM inputs leave here de-identified (docs/deid.md): their path becomes a keyed pseudonym in
 every row (the raw path travels back to the driver in ``_raw_uri`` for the private linkage,
@@ -140,6 +140,13 @@ class BatchDecoder:
         self.out_schema = OUT_SCHEMA
         for f in attributes.fields(self.attributes):
             self.out_schema = self.out_schema.append(f)
+
+    def decode(self, items: pa.Table) -> pa.Table:
+        """A chunk of items (``listing.ITEM_SCHEMA``), decoded ``spec.decode_batch`` at a time:
+        its rows (``out_schema``), in order."""
+        step = self.spec.decode_batch
+        return pa.concat_tables([self(items.slice(start, step))
+                                 for start in range(0, max(1, items.num_rows), step)])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         items = batch.to_pylist()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow.compute as pc
+
 from medray.cluster.stage import csv_source, dicomweb_source, npz_source
 from medray.cluster.stage.listing import Listing, detect_format, folder_items, items_table
 from medray.workers import attributes, dicomweb
@@ -37,15 +39,17 @@ def list_source(spec: StageSpec, skip: set[str] | None = None) -> Listing:
         kept = csv_source.attribute_columns(spec, csv_source.header(spec.source))
         for it in items:  # the job warns of them, with the DICOM ones, when it commits
             bad.update(it.get("attribute_bad") or ())
+        table = items_table(items)
+        del items
     else:
         tree = folder_items(spec.source, fmt, names)
-        fmt, items, has_splits, skipped = tree.format, tree.items, tree.has_splits, tree.skipped
+        fmt, table, has_splits, skipped = tree.format, tree.table, tree.has_splits, tree.skipped
         if fmt == "dicom":
             kept = attributes.dicom_columns(spec.retain)
-    good = [it for it in items if not it.get("error_type")]
-    found = sorted({lab for it in good for lab in (it.get("labels") or [])})
+    # labels of the rows listing found no fault in, counted in Arrow (no object per row)
+    good = table.column("labels").filter(pc.is_null(table.column("error_type")))
+    found = sorted(pc.unique(pc.list_flatten(good)).to_pylist())
     # a manifest is multi-label unless every row names exactly one label (a plain class column)
-    multi = fmt == "csv" and any(it["labels"] is not None and len(it["labels"]) != 1
-                                 for it in good)
-    return Listing(fmt, items_table(items), len(items), list(names) if names else found, multi,
+    multi = fmt == "csv" and bool(pc.any(pc.not_equal(pc.list_value_length(good), 1)).as_py())
+    return Listing(fmt, table, table.num_rows, list(names) if names else found, multi,
                    has_splits, len(skipped), skipped[:5], tuple(kept), dict(sorted(bad.items())))

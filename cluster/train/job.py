@@ -9,6 +9,10 @@ next version of the model, with its card: temperature scaling and operating poin
 validation, validation metrics with patient-level intervals, the training data's counts, the
 intended use and the limitations (``workers/model_card.py``). A training that already
 registered its model returns that version and registers nothing new.
+
+A worker lost with its node restarts, with the rest of its worker group, from the last
+checkpoint (up to ``restarts.MAX_FAILURES`` times); anything else a worker raises fails the job
+at once (``restarts.py``). The job's result says how often it restarted and from which epochs.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from medray.cluster.infra import autoscale
 from medray.cluster.infra.context import JobContext
 from medray.cluster.store import catalog, layout, registry
 from medray.cluster.store.lake import Lake
-from medray.cluster.train import checkpoints, data, precheck
+from medray.cluster.train import checkpoints, data, precheck, restarts
 from medray.cluster.train.features import FeatureCache, ensure_features
 from medray.cluster.train.plan import PLAN, DatasetFacts, TrainPlan
 from medray.cluster.train.weights import resolve_weights
@@ -69,8 +74,13 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     final = lake.read_json_or_none(layout.training_result(spec.model, train_id))
     if final is None:
         raise InputError("training ended without a final model (see the worker logs)")
+    restarted = restarts.summary(lake, spec.model, train_id, ctx.job_id)
+    if restarted["restarts"]:
+        log.warning("training %s: the workers restarted %d time(s) after losing a node, "
+                    "resuming from the checkpoints of epochs %s", train_id,
+                    restarted["restarts"], restarted["resumed_from_epochs"])
     return _register(lake, plan, final, features, changed, started,
-                     _training_data(facts, rows), card_text)
+                     _training_data(facts, rows), card_text, restarted)
 
 
 def _training_data(facts: DatasetFacts, rows: data.RowCounts) -> dict[str, Any]:
@@ -122,7 +132,8 @@ def _check_resources(spec: TrainSpec) -> None:
     """ConfigError naming the fix when the workers (plus the shard readers) cannot fit."""
     import ray
 
-    total = ray.cluster_resources()
+    # an autoscaling cluster counts the nodes it can add: its workers start at zero
+    total = autoscale.reachable_resources(ray.cluster_resources())
     need_cpu = spec.workers * spec.cpus_per_worker + data.READER_CPUS
     if total.get("CPU", 0) < need_cpu:
         raise ConfigError(
@@ -139,8 +150,12 @@ def _check_resources(spec: TrainSpec) -> None:
 
 def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     """Run the workers over ``files`` (image shards, or feature files for a cached head)."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow: after the checks
+    # Ray Train v2's own classes: what ray.train gives at run time (the type checker sees v1's)
+    from ray.train import DataConfig
+    from ray.train.v2.api.config import RunConfig, ScalingConfig
+    from ray.train.v2.tensorflow.tensorflow_trainer import (  # imports TensorFlow: late
+        TensorflowTrainer,
+    )
 
     from medray.cluster.train.remote import train_loop
 
@@ -159,7 +174,9 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
             resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": gpus} if gpus
                                                                   else {})}),
         run_config=RunConfig(name=f"medray-{plan.train_id}-{plan.job_id}",
-                             storage_path=str(Path(tempfile.gettempdir()) / "medray-train")),
+                             storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),
+                             failure_config=restarts.failure_config(),
+                             callbacks=[restarts.FailFast()]),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
@@ -174,22 +191,14 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The medray error a worker raised, out of Ray Train's wrappers (so bad input exits 2)."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        err = seen.pop()
-        if isinstance(err, MedrayError):
-            return err
-        seen.extend(getattr(err, "worker_failures", {}).values())
-        for attr in ("cause", "__cause__", "controller_failure"):
-            inner = getattr(err, attr, None)
-            if isinstance(inner, BaseException):
-                seen.append(inner)
-    return exc
+    found: MedrayError | None = restarts.medray_error(exc)
+    return found if found is not None else exc
 
 
 def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
               features: FeatureCache | None, changed: list[str], started: float,
-              training_data: dict[str, Any], card_text: dict[str, Any]) -> dict[str, Any]:
+              training_data: dict[str, Any], card_text: dict[str, Any],
+              restarted: dict[str, Any]) -> dict[str, Any]:
     """Register the final model as the next version, with its card; the job's result."""
     spec, facts, state = plan.spec, plan.data, final["state"]
     best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]),
@@ -218,6 +227,8 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
         code_version=_code_version(),
         training={"id": plan.train_id, "jobs": state.get("jobs", [plan.job_id]),
                   "resumed": len(state.get("jobs", [])) > 1, "changed_on_resume": changed,
+                  "restarts": restarted["restarts"],
+                  "resumed_from_epochs": restarted["resumed_from_epochs"],
                   "weights_identity": plan.init.identity,
                   "feature_cache": features.summary() if features else None,
                   "tensorboard": lake.full_uri(layout.training_board(spec.model, plan.train_id)),
@@ -260,7 +271,10 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
               "thresholds": card.thresholds,
               "operating_points": [{k: p[k] for k in ("label", "rule", "threshold", "primary")}
                                    for p in card.operating_points],
-              "features": card.training.get("feature_cache")}
+              "features": card.training.get("feature_cache"),
+              # worker groups restarted in this job (a node lost), and the epochs they resumed
+              "restarts": restarted["restarts"],
+              "resumed_from_epochs": restarted["resumed_from_epochs"]}
     lake.write_json(layout.training_registered(spec.model, plan.train_id), result)
     return result
 

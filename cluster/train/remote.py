@@ -8,6 +8,8 @@ validates, rank 0 re-estimates BatchNorm's inference statistics on its last trai
 the epoch (``training.precise_batchnorm``), so validation, checkpoints and the registered model
 see the network that was trained, not moving averages that lag it. At the end rank 0 writes the
 best epoch's full model and the thresholds chosen on validation to ``final/``.
+Every rank keeps its rank file current (the attempts it began, the steps of each epoch), so a
+worker group that Ray Train restarts after losing a node leaves a record of the restart.
 Progress lines go to the worker's stdout, which Ray streams into the job log and the CLI.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from medray.cluster.infra import events, faults, logs
 from medray.cluster.store import layout
 from medray.cluster.store.lake import Lake
-from medray.cluster.train import checkpoints
+from medray.cluster.train import checkpoints, restarts
 from medray.cluster.train.plan import PLAN, TrainPlan
 from medray.cluster.train.weights import initial_model
 from medray.workers import training as tr
@@ -68,6 +70,12 @@ def train_loop(config: dict[str, Any]) -> None:
                                None if pos_w is None else np.array(pos_w, np.float32),
                                None if neg_w is None else np.array(neg_w, np.float32))
         train_step = tr.make_train_step(strategy, model, optimizer, loss_fn, batching.global_batch)
+    record = restarts.begin_attempt(lake, plan.spec.model, plan.train_id, plan.job_id, rank,
+                                    int(state["epoch"]), world=world, plan=asdict(batching))
+    if rank == 0 and len(record["attempts"]) > 1:
+        log.warning("training %s: the workers restarted (attempt %d of job %s), resuming from "
+                    "the checkpoint of epoch %d", plan.train_id, len(record["attempts"]),
+                    plan.job_id, state["epoch"])
     if rank == 0:
         log.info("training %s: %s on %d images, %d worker(s) x %d images per step, %d steps "
                  "per epoch; initial weights: %s", plan.train_id, plan.spec.arch,
@@ -79,8 +87,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         board = _Board(lake, layout.training_board(plan.spec.model, plan.train_id))
     shard = ray.train.get_dataset_shard("train")
-    fault = faults.train_exit_epoch()
-    mine: dict[str, Any] = {}
+    fault, delay = faults.train_exit_epoch(), faults.train_epoch_delay()
+    mine: dict[str, Any] = record["epochs"]
     epoch = int(state["epoch"])
     stop = tr.finished(state, plan.spec.epochs)  # every rank read the same checkpoint
     # rank 0 keeps its last training images of each epoch for the BatchNorm statistics
@@ -97,12 +105,14 @@ def train_loop(config: dict[str, Any]) -> None:
                                      "images": done["steps"] * batching.global_batch})
         decision = broadcast_from_rank_zero(decision)  # one decision, whatever BN drift says
         ray.train.report({"epoch": epoch, "steps": done["steps"]})
+        lake.write_json(layout.training_rank(plan.spec.model, plan.train_id, plan.job_id, rank),
+                        record)
         if fault == epoch and rank == 0:
             log.info("MEDRAY_FAULT: exiting after epoch %d", epoch)
             faults.die()
+        if delay:
+            time.sleep(delay)
         stop = bool(decision["stop"])
-    lake.write_json(layout.training_rank(plan.spec.model, plan.train_id, plan.job_id, rank),
-                    {"rank": rank, "world": world, "plan": asdict(batching), "epochs": mine})
     if rank == 0:
         _finalise(lake, plan, model, state)
 

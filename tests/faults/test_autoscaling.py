@@ -1,7 +1,8 @@
 """A cluster driven by Ray's real autoscaler (fake multi-node provider), started with
 `medray cluster up --autoscale configs/cluster/autoscale-local.yaml`: GPU-typed worker nodes
 start at zero, come when a score job asks for GPUs, go after the idle timeout, and one taken
-away mid-score (its raylet killed, as spot capacity disappears) changes no committed row."""
+away mid-score (its raylet killed, as spot capacity disappears) changes no committed row; one
+taken away mid-training costs the epoch in progress, not those already checkpointed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,6 +135,80 @@ def test_gpu_node_lost_mid_score(scoring, autoscaling):
     held = (fault_at - datetime.fromisoformat(lost["started_at"])).total_seconds()
     assert node["gpu_seconds"] >= held, (node, held)
     assert usage["by_node_type"][lost["node_type"]]["gpu_seconds"] >= node["gpu_seconds"]
+
+
+def test_gpu_node_lost_mid_train(scoring, autoscaling):
+    """One training worker on a GPU node; the node is taken away (its raylet and every process
+    under it killed) after the first checkpoint: Ray Train restarts the worker on another node
+    from that checkpoint, the job succeeds and registers one model, and the lost node's time
+    stays in the job's usage under its node type."""
+    fs, lake = scoring.fs, scoring.pipe.lake
+    started = time.monotonic()
+    model, run_id, epochs = "preempted", f"ptrain-{uuid.uuid4().hex[:6]}", 2
+    training = f"{h.lake_base(lake)}/models/{model}/_training/{run_id}"
+    # each worker waits 3 s after each checkpoint: the node goes before the last epoch ends
+    res = h.cli_json(None, "train", "--dataset", "pneu", "--model", model, "--epochs",
+                     str(epochs), "--batch-size", "32", "--patience", "10", "--gpus-per-worker",
+                     "1", "--cpus-per-worker", "1", "--run-id", run_id, "--lake", lake,
+                     "--no-wait", env={**autoscaling.env, "MEDRAY_FAULT": "train_epoch_delay:3"})
+    job_id = res["job_id"]
+
+    def checkpointed() -> dict | None:
+        path = f"{training}/checkpoints/latest.json"
+        return json.loads(h.read_object(fs, path)) if h.exists(fs, path) else None
+
+    latest = h.wait_for("the first checkpoint", checkpointed, 400, every=0.2)
+    rank0 = json.loads(h.read_object(fs, f"{training}/ranks/{job_id}-rank0.json"))
+    lost = rank0["attempts"][0]
+    assert lost["node_type"] in GPU_TYPES, lost
+    raylets = {p.pid: p for p in h.find(autoscaling.temp_dir, "raylet/raylet")
+               if "--head" not in h.cmdline(p)}
+    worker = h.psutil.Process(lost["pid"])
+    raylet = next(p for p in worker.parents() if p.pid in raylets)
+    node = [raylet, *raylet.children(recursive=True)]
+    fault_at = datetime.now(UTC)
+    killed = h.sigkill(node)
+    assert raylet.pid in killed and lost["pid"] in killed, (killed, lost)
+    done = checkpointed()
+    assert done is not None and done["epoch"] == latest["epoch"] < epochs, (latest, done)
+    assert not h.exists(fs, f"{training}/final/result.json"), "training ended before the loss"
+    before = json.loads(h.read_object(fs, f"{h.lake_base(lake)}/{done['dir']}/state.json"))
+
+    lost_after = time.monotonic() - started
+    assert h.wait_job(autoscaling.home, job_id, timeout=600) == "SUCCEEDED"
+    log.info("training %s: node lost %.1f s after submission, job done %.1f s after the loss",
+             run_id, lost_after, time.monotonic() - started - lost_after)
+    record = h.cli_json(None, "jobs", "show", job_id, "--lake", lake, env=autoscaling.env)
+    result = record["result"]
+    # the restart is recorded, from the checkpoint that was there when the node went
+    assert result["restarts"] == 1 and result["resumed_from_epochs"] == [done["epoch"]], result
+    # one version registered, once
+    assert result["version"] == 1
+    models = f"{h.lake_base(lake)}/models/{model}"
+    cards = [p for p in h.lake_files(fs, models) if not p.startswith(f"{models}/_training/")
+             and p.endswith("/card.json")]
+    assert cards == [f"{models}/1/card.json"], cards
+    card = json.loads(h.read_object(fs, f"{h.lake_base(lake)}/models/{model}/1/card.json"))
+    history = card["metrics"]["history"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    # epochs up to the checkpoint were not trained again: their records are the checkpoint's
+    assert len(before["history"]) == done["epoch"]
+    assert history[:done["epoch"]] == before["history"]
+    assert card["training"]["restarts"] == 1 and card["training"]["jobs"] == [job_id]
+    rank0 = json.loads(h.read_object(fs, f"{training}/ranks/{job_id}-rank0.json"))
+    assert len(rank0["attempts"]) == 2 and rank0["attempts"][1]["node_id"] != lost["node_id"]
+    assert sorted(rank0["epochs"], key=int) == [str(e) for e in range(1, epochs + 1)]
+    # the lost node's GPU time stays in the job's usage, under its node type: at least from the
+    # worker's first epoch to the loss, less Ray Train's 2 s between health checks (the last
+    # call the worker answered)
+    usage = result["usage"]
+    used = usage["by_node"].get(lost["node_id"])
+    assert used is not None, f"no usage for the lost node {lost['node_id']}: {usage}"
+    assert used["node_type"] == lost["node_type"]
+    held = (fault_at - datetime.fromisoformat(lost["started_at"])).total_seconds()
+    assert used["gpu_seconds"] >= held - 2.0, (used, held)
+    assert usage["by_node_type"][lost["node_type"]]["gpu_seconds"] >= used["gpu_seconds"]
+    assert lost["node_type"] in usage["node_types"]
 
 
 def _actor_id_of(scoring, run_id: str, pid: int) -> str:

@@ -380,7 +380,7 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     x_val = np.stack([r[0] for r in rows["val"]]).astype(np.float32)
     y_val = np.array([r[1] for r in rows["val"]])
     raw = np.asarray(model(x_val, training=False))
-    scores = calibration.apply(raw, [cal["temperature"]["normal"]] * 2, False)[:, 1]
+    scores = calibration.apply_card(raw, cal, ["normal", "pneumonia"], False)[:, 1]
     points = {(p["label"], p["rule"]): p for p in card["operating_points"]}
     assert set(points) == {("normal", "youden"), ("pneumonia", "youden"),
                            ("pneumonia", "sensitivity=0.9")}

@@ -1,5 +1,5 @@
 """The stage job run in the test process without Ray: ``stage_inline`` runs the real
-``cluster.stage.job.run`` (listing, reuse, shard writer, manifest) with the Ray Data pipeline
+``cluster.stage.job.run`` (listing, reuse, shard writer, manifest) with the Ray pipeline
 replaced by the same decoder called inline, so unit tests can stage every source kind in a
 second; ``version_rows`` reads a committed version back with plain pyarrow."""
 

@@ -88,6 +88,107 @@ def test_calibrate_reports_ece_before_and_after_and_lowers_it():
     assert card["ece_after"]["p"] == pytest.approx(metrics.calibration(y[:, 1], after[:, 1])["ece"])
 
 
+# ------------------------------------------------------ temperature and bias, chosen
+def _sigmoid_data(seed: int, t_true: float, b_true: float, n: int = 20_000):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=3.0, size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(z / t_true + b_true)))).astype(float)
+    return 1 / (1 + np.exp(-z)), y
+
+
+@pytest.mark.parametrize(("t_true", "b_true"), [(2.0, 1.2), (0.6, -0.8)])
+def test_sigmoid_temperature_and_bias_are_recovered_and_chosen(t_true, b_true):
+    """Labels drawn from sigmoid(z / T + b): no temperature alone fits them, so cross-fitting
+    keeps the bias, and the refit on all rows finds both (maximum likelihood is consistent)."""
+    raw, y = _sigmoid_data(0, t_true, b_true)
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], multi_label=True)
+    assert fitted["form"]["x"] == calibration.WITH_BIAS
+    assert fitted["temperature"]["x"] == pytest.approx(t_true, rel=0.05)
+    assert fitted["bias"]["x"] == pytest.approx(b_true, abs=0.06)
+    held = fitted["heldout_nll"]["x"]
+    assert held[calibration.WITH_BIAS] < held[calibration.TEMPERATURE]
+
+
+def test_softmax_temperature_and_class_biases_are_recovered():
+    rng = np.random.default_rng(1)
+    z = rng.normal(scale=2.0, size=(20_000, 3))
+    b_true = np.array([0.0, 0.8, -0.5])
+    truth = _softmax(z / 1.5 + b_true)
+    y = np.eye(3)[[rng.choice(3, p=p) for p in truth]]
+    fitted = calibration.fit_forms(_softmax(z), y, ["a", "b", "c"], multi_label=False)
+    assert set(fitted["form"].values()) == {calibration.WITH_BIAS}
+    assert len(set(fitted["temperature"].values())) == 1  # one shared temperature
+    assert fitted["temperature"]["a"] == pytest.approx(1.5, rel=0.05)
+    assert [fitted["bias"][k] for k in "abc"] == pytest.approx(list(b_true), abs=0.06)
+
+
+def test_temperature_alone_is_chosen_when_a_bias_does_not_help():
+    """Labels drawn from sigmoid(z / 2): the bias has nothing to fit. Cross-fitting can still
+    favour it by chance (the margin is set for under 5% of such splits); over 40 splits it must
+    keep temperature-only at least 36 times, and then with a bias of exactly 0."""
+    kept = 0
+    for seed in range(40):
+        raw, y = _sigmoid_data(seed, 2.0, 0.0, n=1000)
+        fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], multi_label=True)
+        if fitted["form"]["x"] == calibration.TEMPERATURE:
+            kept += 1
+            assert fitted["bias"]["x"] == 0.0
+            assert fitted["temperature"]["x"] == calibration.fit(raw[:, None], y[:, None],
+                                                                 ["x"], True)["x"]
+    assert kept >= 36
+
+
+def test_the_affine_fit_is_the_likelihood_minimum_and_never_above_temperature():
+    raw, y = _sigmoid_data(2, 1.7, 0.9, n=2000)
+    z2 = np.c_[np.zeros(len(raw)), np.log(raw) - np.log1p(-raw)]
+    t2 = np.c_[1 - y, y]
+    t_only = calibration.fit_softmax(z2, t2)
+    temp, bias = calibration.fit_affine(z2, t2, t_only)
+
+    def nll(t: float, b: float) -> float:
+        return calibration.nll(y[:, None], calibration.apply(raw[:, None], [t], True, [b]), True)
+
+    best = nll(temp, bias[1])
+    assert best < nll(t_only, 0.0) < nll(1.0, 0.0)
+    for dt, db in ((1.02, 0), (0.98, 0), (1, 0.02), (1, -0.02)):
+        assert best < nll(temp * dt, bias[1] + db)
+
+
+def test_calibrate_stores_the_form_and_applies_the_bias():
+    raw, y = _sigmoid_data(3, 1.0, 1.5, n=5000)
+    scores = np.c_[raw, 1 - raw]
+    ys = np.c_[y, 1 - y]
+    card, after = calibration.calibrate(scores, ys, ["p", "q"], True, "val")
+    assert card["form"] == {"p": calibration.WITH_BIAS, "q": calibration.WITH_BIAS}
+    assert card["bias"]["p"] == pytest.approx(1.5, abs=0.12)
+    assert card["bias"]["q"] == pytest.approx(-card["bias"]["p"], abs=1e-6)  # the mirror label
+    np.testing.assert_allclose(after, calibration.apply_card(scores, card, ["p", "q"], True))
+    assert card["nll_after"] < card["nll_before"]
+    assert card["ece_after"]["p"] < 0.3 * card["ece_before"]["p"]
+
+
+def test_a_card_with_temperatures_only_scores_as_before():
+    """Cards written before the bias existed: no ``bias`` key, the same scores as the plain
+    temperature scaling they were fitted for."""
+    rng = np.random.default_rng(6)
+    raw = rng.random((300, 3)).astype(np.float32)
+    old = {"method": calibration.METHOD, "fitted_on": "val",
+           "temperature": {"a": 0.5, "b": 1.0, "c": 3.0}}
+    assert calibration.biases(old, ["a", "b", "c"]) is None
+    for multi in (True, False):
+        np.testing.assert_array_equal(
+            calibration.apply_card(raw, old, ["a", "b", "c"], multi),
+            calibration.apply(raw, [0.5, 1.0, 3.0], multi))
+    np.testing.assert_array_equal(calibration.apply_card(raw, {}, ["a", "b", "c"], True), raw)
+
+
+def test_a_fitting_half_without_a_class_keeps_temperature_only():
+    raw = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.85])
+    y = np.array([1, 1, 1, 0, 1, 1], float)  # one negative: one fold has none to fit on
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True)
+    assert fitted["form"]["x"] == calibration.TEMPERATURE and fitted["bias"]["x"] == 0.0
+
+
 # ------------------------------------------------------------------------------ ECE
 def _ece_direct(y: np.ndarray, s: np.ndarray, bins: int = 10) -> float:
     """ECE the textbook way: loop over bins [k/B, (k+1)/B), the last one closed."""

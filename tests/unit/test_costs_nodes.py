@@ -54,3 +54,56 @@ def test_labelled_type_reads_ray_and_local_labels() -> None:
     assert costs.labelled_type({"ray.io/node-group": "gpu_spot"}) == "gpu_spot"
     assert costs.labelled_type({costs.NODE_TYPE_LABEL: "cpu_spot"}) == "cpu_spot"
     assert costs.labelled_type({"market": "spot"}) is None
+
+
+# a Ray Train worker asks for its placement group's bundle: Ray names those resources per group
+PG = "598fd90b9b316cb40d645995e6be01000000"
+BUNDLE = {f"CPU_group_0_{PG}": 1.0, f"CPU_group_{PG}": 1.0, f"GPU_group_0_{PG}": 1.0,
+          f"GPU_group_{PG}": 1.0, f"bundle_group_0_{PG}": 0.001, f"bundle_group_{PG}": 0.001}
+
+
+def test_placement_group_resources_count_as_the_plain_ones() -> None:
+    assert costs.plain_resources({**BUNDLE, "memory": 5.0}) == {
+        "CPU": 1.0, "GPU": 1.0, "bundle": 0.001, "memory": 5.0}
+    assert costs.plain_resources({"CPU": 2.0}) == {"CPU": 2.0}
+
+
+def test_a_train_worker_lost_with_its_node_keeps_its_gpu_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import ray.util.state as state
+
+    def worker(actor: str, kind: str, node: str | None, start: int, end: int | None,
+               res: dict | None = None) -> SimpleNamespace:
+        task = _task(kind, node, start, end, actor=actor, res=res)
+        task.func_or_class_name = "RayTrainWorker.poll_status"
+        return task
+
+    tasks = [
+        # the first worker: created at t=0, polled on n1 until t=30 s, when n1 was lost (the
+        # poll that found it gone never started)
+        worker("w1", "ACTOR_CREATION_TASK", None, 0, 2_000, res=BUNDLE),
+        worker("w1", "ACTOR_TASK", "n1", 2_000, 2_001),
+        worker("w1", "ACTOR_TASK", "n1", 29_999, 30_000),
+        worker("w1", "ACTOR_TASK", None, 0, 33_000),
+        # the restarted group's worker on n2, created at t=40 s, last poll ends at t=70 s
+        worker("w2", "ACTOR_CREATION_TASK", None, 40_000, 41_000, res=BUNDLE),
+        worker("w2", "ACTOR_TASK", "n2", 41_000, 70_000),
+    ]
+    tasks[3].start_time_ms = None
+    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
+    monkeypatch.setattr(state, "list_actors", lambda **_: [
+        SimpleNamespace(actor_id="w1", node_id="n1", repr_name="", class_name="RayTrainWorker"),
+        SimpleNamespace(actor_id="w2", node_id="n2", repr_name="", class_name="RayTrainWorker")])
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
+    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    usage = costs.job_usage(80.0, settle_tries=0)
+    assert usage["by_node"]["n1"] == {"node_type": "gpu_spot", "cpu_seconds": 30.0,
+                                      "gpu_seconds": 30.0}
+    assert usage["by_node"]["n2"]["gpu_seconds"] == 30.0
+    assert usage["by_node_type"] == {
+        "gpu_spot": {"cpu_seconds": 30.0, "gpu_seconds": 30.0},
+        "gpu_ondemand": {"cpu_seconds": 30.0, "gpu_seconds": 30.0}}
+    assert usage["gpu_seconds"] == 60.0
+    assert usage["node_types"] == ["gpu_ondemand", "gpu_spot"]

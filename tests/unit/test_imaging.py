@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.decoders.base import get_decoder
@@ -250,6 +250,36 @@ def test_large_jpeg_decodes_with_draft() -> None:
     result = decode(encode(Image.fromarray(arr), "JPEG"), size=64, channels=1)
     assert (result.original_height, result.original_width) == (800, 1000)
     assert result.pixels[:30, :30].mean() > 200 and result.pixels[34:, 34:].mean() < 40
+
+
+def test_colour_jpeg_staged_gray_decodes_its_luma_in_libjpeg(monkeypatch) -> None:
+    # issue 17: libjpeg's luma, at draft scale, instead of RGB then Pillow's RGB -> L
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+    rgb[:48] = [200, 60, 20]  # a coloured band: gray by luma, not by any one channel
+    data = encode(Image.fromarray(rgb), "JPEG", quality=95)
+    drafted: list[str] = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None) -> Any:
+        drafted.append(str(mode))
+        return draft(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    result = decode(data, size=48, channels=1)
+    assert drafted == ["L"]
+    assert result.metadata == {"mode": "RGB"}  # the source's mode, as before
+    with Image.open(io.BytesIO(data)) as img:  # decoder 2: colour at draft scale, then luma
+        draft(img, "RGB", (48, 48))
+        assert img.size == (64, 48)  # drafted at 1/2, as decoder 3 does
+        reference = np.asarray(img.convert("L").resize((48, 48), Image.Resampling.BILINEAR))
+    diff = np.abs(result.pixels[:, :, 0].astype(int) - reference.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 1.0
+    assert abs(int(result.pixels[:20, :, 0].mean()) - int(reference[:20].mean())) <= 1
+    monkeypatch.undo()
+    colour = decode(data, size=48, channels=3)  # RGB stays RGB
+    assert colour.pixels.shape == (48, 48, 3)
+    assert colour.pixels[:20, :, 0].mean() > colour.pixels[:20, :, 2].mean() + 100
 
 
 def test_animated_gif_and_multipage_tiff_are_multi_frame() -> None:

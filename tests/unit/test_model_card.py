@@ -55,6 +55,9 @@ def test_a_trained_card_validates_against_the_schema():
     assert card["intended_use"]["primary"] == mc.DEFAULT_USE
     assert card["calibration"]["temperature"]["normal"] == card["calibration"]["temperature"][
         "pneumonia"]  # one temperature for a softmax model
+    cal = card["calibration"]  # the validation data has a bias (prevalence 0.7): kept
+    assert cal["form"] == {"normal": "temperature+bias", "pneumonia": "temperature+bias"}
+    assert cal["bias"]["normal"] == 0.0 and cal["bias"]["pneumonia"] > 0
     rules = [(p["label"], p["rule"], p["primary"]) for p in card["operating_points"]]
     assert rules == [("normal", "youden", True), ("pneumonia", "youden", True),
                      ("pneumonia", "sensitivity=0.95", False)]
@@ -95,6 +98,8 @@ def test_a_registered_users_model_gets_the_default_card_and_it_validates():
     lambda d: d["intended_use"].pop("primary"),
     lambda d: d["intended_use"].update(out_of_scope=[]),
     lambda d: d["calibration"]["temperature"].update(normal=-1.0),
+    lambda d: d["calibration"]["form"].update(normal="platt"),
+    lambda d: d["calibration"]["bias"].update(normal="0.5"),
     lambda d: d["operating_points"][0].pop("rule"),
     lambda d: d.update(channels=2),
     lambda d: d.pop("limitations"),
@@ -104,6 +109,17 @@ def test_a_broken_card_fails_the_schema(breakage):
     breakage(doc)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, mc.SCHEMA)
+
+
+def test_a_card_written_before_the_bias_still_validates_and_renders():
+    """Cards registered with temperatures alone (no bias, form or selection) stay valid."""
+    doc = _trained_card().to_dict()
+    for key in ("bias", "form", "selection", "heldout_nll"):
+        doc["calibration"].pop(key)
+    jsonschema.validate(doc, mc.SCHEMA)
+    text = mc.render_text(doc)
+    assert "bias" not in text.split("## Calibration")[1].split("##")[0]
+    assert "T = normal " in text
 
 
 def test_the_schema_is_itself_valid():

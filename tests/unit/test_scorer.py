@@ -183,3 +183,25 @@ def test_a_calibrated_card_scores_calibrated_and_keeps_the_raw_score(model_file)
 def test_an_uncalibrated_card_adds_no_raw_columns(scorer):
     out = scorer(shard_table(_rows(3)))
     assert not [c for c in out.column_names if c.startswith("raw_score_")]
+
+
+def test_a_card_with_biases_scores_with_temperature_and_bias(model_file):
+    """A card whose calibration kept a bias per label: score_<label> is
+    sigmoid(logit / T + b) of the raw score, not the temperature alone."""
+    from medray.workers.calibration import apply
+
+    temps = {"effusion": 0.5, "mass": 1.0, "nodule": 2.0}
+    bias = {"effusion": 0.0, "mass": -1.5, "nodule": 0.7}
+    card = _card(calibration={"method": "temperature", "fitted_on": "val",
+                              "temperature": temps, "bias": bias,
+                              "form": {"effusion": "temperature", "mass": "temperature+bias",
+                                       "nodule": "temperature+bias"}},
+                 thresholds={"effusion": 0.5, "mass": 0.5, "nodule": 0.5})
+    out = Scorer(str(model_file), card, predict_batch=8)(shard_table(_rows(7, seed=5)))
+    raw = np.stack([out.column(f"raw_score_{lab}").to_numpy() for lab in LABELS], axis=1)
+    cal = np.stack([out.column(f"score_{lab}").to_numpy() for lab in LABELS], axis=1)
+    np.testing.assert_allclose(cal, apply(raw, list(temps.values()), True, list(bias.values())),
+                               atol=1e-6)
+    no_bias = apply(raw, list(temps.values()), True)
+    np.testing.assert_allclose(cal[:, 0], no_bias[:, 0], atol=1e-6)  # bias 0: T alone
+    assert np.abs(cal[:, 1] - no_bias[:, 1]).min() > 1e-3  # the bias moves every score

@@ -480,6 +480,69 @@ def test_items_per_block_balances_size_and_workers():
     assert pipeline.items_per_block(10, 32, 2, 100) == 32  # a tiny job: one block
 
 
+def test_chunks_cover_the_listing_in_order_and_start_small():
+    bounds = pipeline.chunk_bounds(1_000, 300, 32, 2)
+    # the first chunks (two per decoder) are one decoding batch: the first rows come back soon
+    assert bounds[:4] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert bounds[4:] == [(128, 428), (428, 728), (728, 1000)]
+    assert pipeline.chunk_bounds(20, 300, 32, 2) == [(0, 20)]
+    assert pipeline.chunk_bounds(0, 300, 32, 2) == []
+
+
+def test_decoded_chunks_come_back_in_order_with_a_bounded_queue(monkeypatch):
+    import ray
+
+    calls: list[tuple[int, int]] = []  # (decoder, chunk), in the order they were sent
+    waiting: set[int] = set()
+
+    class Decoder:
+        def __init__(self, index: int) -> None:
+            self.index = index
+            self.decode = self  # stands in for the actor method handle
+
+        def remote(self, chunk: int) -> int:
+            calls.append((self.index, chunk))
+            waiting.add(chunk)
+            assert len(waiting) <= pipeline.IN_FLIGHT * 2  # never more queued than the bound
+            return chunk
+
+    def get(ref: int) -> str:
+        waiting.discard(ref)
+        return f"decoded {ref}"
+
+    monkeypatch.setattr(ray, "get", get)
+    out = list(pipeline._in_order([Decoder(0), Decoder(1)], range(7)))
+    assert out == [f"decoded {i}" for i in range(7)]
+    # filled two deep each, then each new chunk to the decoder whose result just came back
+    assert calls == [(0, 0), (1, 1), (0, 2), (1, 3), (0, 4), (1, 5), (0, 6)]
+
+
+def test_a_decoder_chunk_is_its_batches_in_order(tmp_path):
+    for i in range(5):
+        _png(tmp_path / "a" / f"{i}.png", i)
+    items = listing.folder_items(str(tmp_path)).table
+    decoder = remote.BatchDecoder(_spec(image_size=8, decode_batch=2), remote.DecodeOptions())
+    whole = decoder.decode(items)  # three batches of at most 2
+    assert whole.to_pylist() == [r for i in range(0, 5, 2)
+                                 for r in decoder(items.slice(i, 2)).to_pylist()]
+    assert [u.rsplit("/", 1)[1] for u in whole.column("source_uri").to_pylist()] == [
+        f"{i}.png" for i in range(5)]
+
+
+def test_a_large_listing_is_built_in_chunks_in_order(tmp_path):
+    for i in range(7):
+        (tmp_path / "a" / f"{i:02d}.png").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "a" / f"{i:02d}.png").write_bytes(b"x")
+    builder = listing.ItemsBuilder(chunk=3)
+    for it in listing.folder_items(str(tmp_path)).items:
+        builder.add(it)
+    assert len(builder.chunks) == 2 and builder.pending == 1  # two chunks in Arrow already
+    table = builder.table()
+    assert [u.rsplit("/", 1)[1] for u in table.column("uri").to_pylist()] == [
+        f"{i:02d}.png" for i in range(7)]
+    assert table.schema == listing.ITEM_SCHEMA and table.column("uri").num_chunks == 3
+
+
 def test_split_for_matches_the_shared_rule():
     # the decoder's split must be the lake-wide rule, so other tools can recompute it
     assert remote.raw_split(None, "csv:7", 10, 10) == split_for("csv:7", 10, 10)
