@@ -168,6 +168,7 @@ def wait(
     deadline = None if timeout_s is None else started + timeout_s
     seen = 0
     text = ""
+    exit_waited = False  # the quick exit watch runs once; a stuck exit is followed as usual
     while True:
         state = str(c.get_job_status(job_id).value)
         text = str(c.get_job_logs(job_id))
@@ -176,7 +177,8 @@ def wait(
         seen = len(text)
         if state in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
             return state, text
-        if wire.RESULT in text or wire.ERROR in text:  # the driver is exiting
+        if not exit_waited and (wire.RESULT in text or wire.ERROR in text):  # exiting
+            exit_waited = True
             state = _wait_exit(c, job_id, deadline)
             if state in TERMINAL:
                 text = str(c.get_job_logs(job_id))

@@ -117,6 +117,18 @@ def test_wait_reads_a_young_job_often_and_an_old_one_at_poll_s(monkeypatch):
     assert fake.status_calls == 5
 
 
+def test_a_driver_stuck_in_its_exit_is_watched_quickly_once(monkeypatch):
+    fake = _FakeJobs(result_at=0.0, end_at=1e9)  # printed its result, never ends
+    monkeypatch.setattr(jobs_client, "client", lambda address: fake)
+    monkeypatch.setattr(jobs_client, "_EXIT_WAIT_S", 0.3)
+    monkeypatch.setattr(jobs_client, "YOUNG_FOR_S", 0.0)
+    state, _ = jobs_client.wait("j1", None, poll_s=1.0, timeout_s=2.5)
+    assert state == "RUNNING"
+    # one quick watch (about 4 asks in 0.3 s), then one ask per 1 s poll (at 0, 1.3, 2.3 and
+    # 3.3 s); a quick watch after every poll would make it 13 or more
+    assert fake.status_calls <= 10, fake.status_calls
+
+
 def test_tensorflow_import_leaves_scikit_learn_out_but_importable():
     code = ("import sys\n"
             "from medray.workers.models import import_tensorflow\n"
