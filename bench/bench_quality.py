@@ -9,7 +9,7 @@ Parts:
   loss, distributed step, class weights, ``precise_batchnorm``), for speed.
 - ``variants``: the defaults and the variants tried, in-process at 28 px over the seeds, with
   the test numbers computed as training and a report would (calibration and the Youden point
-  on validation), and for the same models with temperature scaling alone.
+  on validation), and for the same models with ``--calibration-form auto``.
 - ``seeds``: the defaults on PneumoniaMNIST over seeds 0, 1, 2 through the real CLI (stage,
   train, score the test split, report): test AUROC, test ECE before and after calibration,
   sensitivity and specificity at the Youden point chosen on validation, with the times.
@@ -23,7 +23,7 @@ local-folder lake.
 
     .venv/bin/python bench/bench_quality.py                 # everything (about 40 minutes)
     .venv/bin/python bench/bench_quality.py --only seeds
-    .venv/bin/python bench/bench_quality.py --only variants "--variants=light augmentation"
+    .venv/bin/python bench/bench_quality.py --only variants "--variants=--no-augment"
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ GOALS = {"auroc": 0.96, "ece": 0.05, "rate": 0.85}
 # in-process variants of the defaults tried at 28 px: (name, TrainSpec fields, build_model
 # keywords beyond the spec's)
 VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
-    ("defaults", {}, {}), ("--augment", {"augment": True}, {}),
+    ("defaults", {}, {}), ("--no-augment", {"augment": False}, {}),
+    ("flip, crop 0.1, rotation 0.03, brightness 0.1 (--augment before 2026-12-01)", {},
+     {"augment": "flip,crop=0.1,rotation=0.03,brightness=0.1"}),
     ("--learning-rate 1e-3", {"learning_rate": 1e-3}, {}),
     ("--class-weights none", {"class_weights": "none"}, {}),
     ("--epochs 20 --patience 6", {"epochs": 20, "patience": 6}, {}),
     ("per-image standardisation", {}, {"standardize": True}),
-    ("light augmentation", {}, {"augment": "crop=0.05,rotation=0.02,brightness=0.1"}),
-    ("--augment, per-image standardisation", {"augment": True}, {"standardize": True}))
+    ("defaults with flip", {}, {"augment": "flip,crop=0.05,rotation=0.02,brightness=0.1"}))
 VARIANTS_ONLY: list[str] = []  # --variants: a subset of VARIANTS by name
 # folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE
-XRAY_RUNS = (("defaults", 128, ()), ("--augment", 128, ("--augment",)),
+XRAY_RUNS = (("defaults", 128, ()), ("--no-augment", 128, ("--no-augment",)),
              ("defaults", 224, ()))
 
 
@@ -145,12 +146,13 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
 
 
 def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
-    """What training registers and a report measures, in-process: calibration and the Youden
-    point on validation, then the pneumonia label on test."""
+    """What training registers and a report measures, in-process: calibration (the default
+    form, temperature alone) and the Youden point on validation, then the pneumonia label on
+    test; and the same model calibrated with ``--calibration-form auto`` (the bias where
+    cross-fitting keeps it), which costs no training."""
     from medray.workers import metrics
-    from medray.workers import operating_points as op
     from medray.workers import training as tr
-    from medray.workers.calibration import apply, apply_card, fit
+    from medray.workers.calibration import AUTO, apply_card
     from medray.workers.operating_points import parse
     from medray.workers.validation import summarise
 
@@ -158,29 +160,26 @@ def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
         x = d[f"{split}_x"]
         return tr.predict(model, [x[i:i + 256] for i in range(0, len(x), 256)])
 
-    val = scores("val")
-    found = summarise(d["val_y"], val, None, LABELS, False, "val", parse("youden"), n_boot=0)
-    temps = [found["calibration"]["temperature"][lab] for lab in LABELS]
-    raw = scores("test")
-    cal = apply_card(raw, found["calibration"], LABELS, False)[:, 1]
+    val, raw = scores("val"), scores("test")
     y = d["test_y"][:, 1]
-    at = metrics.threshold_metrics(y, cal, found["thresholds"]["pneumonia"])
-    # the same model with temperature scaling alone (the form before the bias existed): the
-    # comparison of the two calibration forms costs no training
-    t_only = fit(val, d["val_y"], LABELS, False)
-    val_t = apply(val, [t_only[lab] for lab in LABELS], False)[:, 1]
-    test_t = apply(raw, [t_only[lab] for lab in LABELS], False)[:, 1]
-    at_t = metrics.threshold_metrics(y, test_t, op.threshold(d["val_y"][:, 1], val_t,
-                                                             op.parse("youden")[0]))
-    cal_card = found["calibration"]
-    return {"form": cal_card["form"]["pneumonia"], "bias": cal_card["bias"]["pneumonia"],
-            "val_ece": cal_card["ece_after"]["pneumonia"],
-            "ece_t_only": metrics.calibration(y, test_t)["ece"],
-            "specificity_t_only": at_t["specificity"],
-            "auroc": metrics.auroc(y, cal), "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
-            "ece": metrics.calibration(y, cal)["ece"], "temperature": temps[1],
-            "threshold": found["thresholds"]["pneumonia"], "mean_score": float(cal.mean()),
-            "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+    def on_test(form: str) -> dict[str, Any]:
+        found = summarise(d["val_y"], val, None, LABELS, False, "val", parse("youden"),
+                          n_boot=0, form=form)
+        card = found["calibration"]
+        cal = apply_card(raw, card, LABELS, False)[:, 1]
+        at = metrics.threshold_metrics(y, cal, found["thresholds"]["pneumonia"])
+        return {"form": card["form"]["pneumonia"], "bias": card["bias"]["pneumonia"],
+                "val_ece": card["ece_after"]["pneumonia"], "auroc": metrics.auroc(y, cal),
+                "ece": metrics.calibration(y, cal)["ece"],
+                "temperature": card["temperature"]["pneumonia"],
+                "threshold": found["thresholds"]["pneumonia"], "mean_score": float(cal.mean()),
+                "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
+
+    auto = on_test(AUTO)
+    return {**on_test("temperature"), "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
+            "form_auto": auto["form"], "bias_auto": auto["bias"], "ece_auto": auto["ece"],
+            "specificity_auto": auto["specificity"]}
 
 
 def part_defect(out: dict[str, Any], save: Any) -> None:
@@ -353,22 +352,25 @@ def _shift_note(rows: list[dict[str, Any]]) -> list[str]:
     val_ece = [r["val_ece_after"]["pneumonia"] if isinstance(r["val_ece_after"], dict)
                else r["val_ece_after"] for r in rows]
     oracle = [r for r in rows if "oracle_sensitivity" in r]
-    over = "over-calls" if np.median([r["mean_score"] for r in rows]) > test_prev else \
-        "under-calls"
-    text = (f"Validation against test: calibrated on validation (validation ECE after "
-            f"calibration {_spread(val_ece)}), the scores miss on test (ECE "
-            f"{_spread([r['ece'] for r in rows])}). PneumoniaMNIST's test split is not drawn "
-            f"like its validation split: {test_prev:.3f} pneumonia against {val_prev:.3f}, and "
-            f"the mean calibrated test score is {_spread([r['mean_score'] for r in rows])}, "
-            f"so the model {over} pneumonia on test; the threshold chosen on validation "
-            f"then gives specificity {_spread([r['specificity'] for r in rows])} there.")
+    mean_score = float(np.median([r["mean_score"] for r in rows]))
+    calls = ("over-calls" if mean_score > test_prev + 0.02 else
+             "under-calls" if mean_score < test_prev - 0.02 else "matches")
+    test_ece = float(np.median([r["ece"] for r in rows]))
+    text = (f"Validation against test: validation ECE after calibration {_spread(val_ece)}, "
+            f"test ECE {_spread([r['ece'] for r in rows])} "
+            f"({'within' if test_ece <= GOALS['ece'] else 'outside'} the goal of "
+            f"{GOALS['ece']}). PneumoniaMNIST's test split is not drawn like its validation "
+            f"split: {test_prev:.3f} pneumonia against {val_prev:.3f}. The mean calibrated "
+            f"test score is {_spread([r['mean_score'] for r in rows])}, so the model {calls} "
+            f"pneumonia's rate on test; the threshold chosen on validation gives specificity "
+            f"{_spread([r['specificity'] for r in rows])} there.")
     if oracle:
         text += (" At the Youden point of the test split itself (an oracle for the diagnosis, "
                  "not a method) sensitivity is "
                  f"{_spread([r['oracle_sensitivity'] for r in oracle])} and specificity "
                  f"{_spread([r['oracle_specificity'] for r in oracle])}: the model separates "
-                 "the test classes; what does not carry over from validation is the "
-                 "probability scale and the threshold.")
+                 "the test classes, and the threshold chosen on validation is what does not "
+                 "carry over.")
     return [text, ""]
 
 
@@ -436,25 +438,23 @@ def report(args: argparse.Namespace, out: dict[str, Any], failed: dict[str, str]
         lines += ["Defaults and variants tried (in-process, medray's training loop with the fix, "
                   "early stopping, calibration and the Youden point on validation; seeds "
                   f"{args.seeds}; PneumoniaMNIST 28 px, test split); median (min-max) over "
-                  "seeds. Calibration as training fits it (the form chosen by cross-fitting on "
-                  "validation), and, for the same models, temperature scaling alone:", "",
-                  "| settings | test AUROC | test ECE raw | form kept (seeds) | bias | val ECE "
-                  "calibrated | test ECE calibrated | sensitivity | specificity | mean "
-                  "calibrated score (test prevalence 0.625) | test ECE, T alone | specificity, "
-                  "T alone | s per run |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
-                  "--- |"]
+                  "seeds. Calibration as training fits it by default (temperature alone), "
+                  "and, for the same models, `--calibration-form auto` (the bias where "
+                  "cross-fitting on validation keeps it):", "",
+                  "| settings | test AUROC | test ECE raw | val ECE calibrated | test ECE "
+                  "calibrated | sensitivity | specificity | mean calibrated score (test "
+                  "prevalence 0.625) | auto: bias kept (seeds) | auto: test ECE | auto: "
+                  "specificity | s per run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, runs in variants.items():
             def col(key: str, runs: list[dict[str, Any]] = runs) -> str:
                 values = [r[key] for r in runs if key in r]
                 return _spread(values) if values else "-"
-            forms = [r.get("form") for r in runs]
-            kept = ", ".join(f"{f} ({forms.count(f)})" for f in sorted(set(forms), key=str)
-                             if f)
-            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {kept or '-'} | "
-                         f"{col('bias')} | {col('val_ece')} | {col('ece')} | "
-                         f"{col('sensitivity')} | {col('specificity')} | {col('mean_score')} | "
-                         f"{col('ece_t_only')} | {col('specificity_t_only')} | "
+            kept = sum(1 for r in runs if r.get("form_auto") == "temperature+bias")
+            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {col('val_ece')} | "
+                         f"{col('ece')} | {col('sensitivity')} | {col('specificity')} | "
+                         f"{col('mean_score')} | {kept} of {len(runs)} | {col('ece_auto')} | "
+                         f"{col('specificity_auto')} | "
                          f"{np.median([r['seconds'] for r in runs]):.0f} |")
         lines.append("")
     seeds = out.get("seeds")

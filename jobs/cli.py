@@ -185,6 +185,7 @@ def train(
     run_id: str = spec_option(TrainSpec, "run_id"),
     seed: int = spec_option(TrainSpec, "seed"),
     calibrate: bool = spec_option(TrainSpec, "calibrate"),
+    calibration_form: str = spec_option(TrainSpec, "calibration_form"),
     operating_point: str = spec_option(TrainSpec, "operating_point"),
     intended_use: str = spec_option(TrainSpec, "intended_use"),
     out_of_scope: str = spec_option(TrainSpec, "out_of_scope"),
@@ -207,12 +208,14 @@ def train(
         return
     metrics = res.get("metrics") or {}
     ref = f"{res.get('model')}:{res.get('version')}"
+    forms = sorted(set(((res.get("calibration") or {}).get("form") or {}).values()))
     summary(f"registered {ref}", [
         ("training id", res.get("training_id")),
         ("validation mean AUROC", metrics.get("val_mean_auroc")),
         ("best epoch", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')}"),
         ("validation ECE before calibration", res.get("val_ece_before")),
         ("validation ECE after calibration", res.get("val_ece_after")),
+        ("calibration form", ", ".join(forms) or None),
     ], [("model", res.get("uri"))],
         [f"medray score --dataset {dataset} --model {ref} --split test",
          f"medray models show {ref}"])

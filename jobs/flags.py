@@ -9,7 +9,7 @@ never overrides a value from elsewhere (CLI flags > environment > YAML > default
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import typer
 from pydantic_core import PydanticUndefined
@@ -37,13 +37,18 @@ VERBOSE: Any = typer.Option(
 _CHOSEN = frozenset({"COMMANDLINE", "ENVIRONMENT"})
 
 
+def _is_flag(annotation: Any) -> bool:
+    """A bool field, or an optional one (unset: the job decides)."""
+    return annotation is bool or set(get_args(annotation)) == {bool, type(None)}
+
+
 def spec_option(spec: type[JobSpec], field: str, *aliases: str, help: str | None = None) -> Any:
     """The typer option ``--<field>`` of ``spec``: its default is the field's, its help the
     field's description unless ``help`` words it for the command line."""
     info = spec.model_fields[field]
     name = field.replace("_", "-")
     # a bool field takes both forms (--resume/--no-resume), as typer gives an undeclared bool
-    flag = f"--{name}/--no-{name}" if info.annotation is bool else f"--{name}"
+    flag = f"--{name}/--no-{name}" if _is_flag(info.annotation) else f"--{name}"
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     shown = extra.get("default_shown")
     return typer.Option(_default(spec, field), flag, *aliases, help=help or info.description,

@@ -4,13 +4,23 @@ that a score of 0.8 means about 80% positives. One temperature for a softmax mod
 share one scale) with one bias per class; one temperature and one bias per label for a sigmoid
 model (each label is its own binary classifier; with the bias this is Platt scaling).
 
-Why the bias is chosen, not always fitted: a temperature cannot move the decision boundary, so
-it cannot undo a bias (class weights that train the model on balanced classes, augmentation that
-shifts the inputs); a bias can, but it is one more parameter per class fitted on a validation
-split that may be small. The form is picked by 2-fold cross-fitting on validation (fit on one
-half, negative log-likelihood on the other, both ways round): the bias is kept only when it
-lowers the held-out NLL. Both forms are maximum-likelihood fits that contain the identity (T = 1,
-bias 0), so neither makes the validation likelihood worse than the raw scores.
+Three forms, chosen by the user (``--calibration-form``):
+
+- ``temperature`` (the default): a temperature alone. It cannot move the decision boundary, so
+  the validation split's prevalence stays out of the scores; on PneumoniaMNIST, whose test split
+  is drawn unlike its validation split (62.5% against 74% positives), it gives the lower test
+  ECE (BENCHMARKS.md, "Quality").
+- ``temperature+bias``: a bias beside the temperature. A bias can undo what a temperature
+  cannot (class weights that train on balanced classes, augmentation that shifts the inputs),
+  and it also carries the validation split's prevalence into every score: right when validation
+  is drawn like the data to be scored (a site's own recent cases), wrong otherwise.
+- ``auto``: the bias only where 2-fold cross-fitting on validation (fit on one half, negative
+  log-likelihood on the other, both ways round) says it saves more than ``MARGIN_NATS`` per
+  bias parameter. Cross-fitting judges fit to validation, so it cannot see a prevalence shift
+  after it.
+
+Both fits are maximum likelihood and contain the identity (T = 1, bias 0), so neither makes the
+validation likelihood worse than the raw scores.
 
 Scores are the model's probabilities, so this works for any model, ours or a user's: the logits
 are recovered from them (log p for softmax, up to a per-row constant that softmax ignores;
@@ -37,8 +47,13 @@ from medray.workers.errors import InputError
 
 METHOD = "temperature scaling (Guo et al. 2017)"
 TEMPERATURE, WITH_BIAS = "temperature", "temperature+bias"  # the forms a card may hold
-SELECTION = ("2-fold cross-fitted NLL on the calibration split: the bias is kept when it lowers "
-             "the summed held-out NLL by more than 2 nats per bias parameter")
+AUTO = "auto"  # a request, not a form: the form chosen by cross-fitting
+FORMS = (TEMPERATURE, WITH_BIAS, AUTO)  # what --calibration-form accepts
+SELECTION = {  # the rule that gave each label its form, in words, by what was asked
+    TEMPERATURE: "asked for: temperature alone",
+    WITH_BIAS: "asked for: temperature and bias (temperature alone where a bias cannot be fitted)",
+    AUTO: "2-fold cross-fitted NLL on the calibration split: the bias is kept when it lowers "
+          "the summed held-out NLL by more than 2 nats per bias parameter"}
 FOLDS = 2
 # Nats of summed held-out NLL a bias parameter must save to be kept. Between two forms that fit
 # equally well, cross-fitting still hands the bias a small win half the time by chance; in 150
@@ -212,10 +227,33 @@ def choose_form(z: np.ndarray, t: np.ndarray, folds: int = FOLDS
     return form, {k: float(v) for k, v in totals.items()}
 
 
-def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_label: bool
-              ) -> dict[str, dict[str, Any]]:
-    """{temperature, bias, form, heldout_nll} per label: the form chosen by ``choose_form``
-    and refitted on all of the split (softmax: one choice, one T, a bias per class)."""
+def _pick(z: np.ndarray, t: np.ndarray, asked: str) -> tuple[str, dict[str, float]]:
+    """(the form to fit, held-out NLL by form) for logits ``z`` and one-hot ``t``: what was
+    asked, cross-fitted for ``auto``; a bias needs both classes in ``t``."""
+    if asked == AUTO:
+        return choose_form(z, t)
+    if asked == WITH_BIAS and (t.sum(axis=0) > 0).all():
+        return WITH_BIAS, {}
+    return TEMPERATURE, {}
+
+
+def _affine_or_temperature(z: np.ndarray, t: np.ndarray, temp: float
+                           ) -> tuple[str, float, np.ndarray]:
+    """(form, T, bias) of the temperature-and-bias fit; the temperature alone when the fit
+    inverts the scale (never a calibration)."""
+    scale, bias = fit_affine(z, t, temp)
+    if not (scale > 0 and math.isfinite(scale)) or not np.all(np.isfinite(bias)):
+        return TEMPERATURE, temp, np.zeros(t.shape[1])
+    return WITH_BIAS, scale, bias
+
+
+def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_label: bool,
+              asked: str = TEMPERATURE) -> dict[str, dict[str, Any]]:
+    """{temperature, bias, form, heldout_nll} per label, for the form ``asked`` (one of
+    ``FORMS``; ``auto`` chooses by ``choose_form``), fitted on all of the split (softmax: one
+    choice, one T, a bias per class)."""
+    if asked not in FORMS:
+        raise InputError(f"calibration form {asked!r}: use one of {', '.join(FORMS)}")
     z = to_logits(scores, multi_label)
     y = np.asarray(y, dtype=np.float64)
     out: dict[str, dict[str, Any]] = {
@@ -224,10 +262,10 @@ def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_la
         keep = y.sum(axis=1) == 1
         zk, tk = z[keep], y[keep]
         temp = fit_softmax(zk, tk)
-        form, held = choose_form(zk, tk)
+        form, held = _pick(zk, tk, asked)
         bias = np.zeros(len(labels))
         if form == WITH_BIAS:
-            temp, bias = fit_affine(zk, tk, temp)
+            form, temp, bias = _affine_or_temperature(zk, tk, temp)
         for j, label in enumerate(labels):
             out["temperature"][label], out["bias"][label] = temp, float(bias[j])
             out["form"][label], out["heldout_nll"][label] = form, held
@@ -238,9 +276,9 @@ def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_la
             temp = 1.0  # one class: no finite optimum, keep the scores as they are
         else:
             z2, t2 = _two_class(z[:, j], y[:, j])
-            form, held = choose_form(z2, t2)
+            form, held = _pick(z2, t2, asked)
             if form == WITH_BIAS:
-                temp, both = fit_affine(z2, t2, temp)
+                form, temp, both = _affine_or_temperature(z2, t2, temp)
                 b = float(both[1])
         out["temperature"][label], out["bias"][label] = temp, b
         out["form"][label], out["heldout_nll"][label] = form, held
@@ -320,17 +358,18 @@ def nll(y: np.ndarray, scores: np.ndarray, multi_label: bool) -> float:
 
 
 def calibrate(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_label: bool,
-              split: str) -> tuple[dict[str, Any], np.ndarray]:
-    """Fit on ``split``'s scores and targets: (the model card's ``calibration``, calibrated
-    scores). The card keeps the chosen form with the held-out NLL that chose it, and ECE and NLL
-    before and after, so the fit can be judged."""
-    fitted = fit_forms(scores, y, labels, multi_label)
+              split: str, asked: str = TEMPERATURE) -> tuple[dict[str, Any], np.ndarray]:
+    """Fit the form ``asked`` on ``split``'s scores and targets: (the model card's
+    ``calibration``, calibrated scores). The card keeps the form each label got, the rule that
+    gave it (with the held-out NLL for ``auto``), and ECE and NLL before and after, so the fit
+    can be judged."""
+    fitted = fit_forms(scores, y, labels, multi_label, asked)
     temps = fitted["temperature"]
     bias = [fitted["bias"][label] for label in labels]
     after = apply(scores, [temps[label] for label in labels], multi_label, bias)
     card = {"method": METHOD, "fitted_on": split, "images": int(len(y)),
             "shared": not multi_label, "temperature": temps, "bias": fitted["bias"],
-            "form": fitted["form"], "selection": SELECTION,
+            "form": fitted["form"], "asked": asked, "selection": SELECTION[asked],
             "heldout_nll": fitted["heldout_nll"], "bins": BINS,
             "ece_before": ece(y, scores, labels), "ece_after": ece(y, after, labels),
             "nll_before": nll(y, scores, multi_label), "nll_after": nll(y, after, multi_label)}
@@ -344,6 +383,20 @@ def apply_card(scores: np.ndarray, card_calibration: Mapping[str, Any] | None,
     if temps is None:
         return np.asarray(scores, dtype=np.float32)
     return apply(scores, temps, multi_label, biases(card_calibration, labels))
+
+
+def describe(card_calibration: Mapping[str, Any] | None) -> str:
+    """A card's calibration in a few words, for reports: ``none``, ``temperature scaling``, or
+    with the bias and, when only some labels have it, which."""
+    if not (card_calibration or {}).get("temperature"):
+        return "none"
+    forms = dict((card_calibration or {}).get("form") or {})
+    with_bias = sorted(label for label, form in forms.items() if form == WITH_BIAS)
+    if not with_bias:
+        return "temperature scaling"
+    if len(with_bias) == len(forms):
+        return "temperature scaling with a bias"
+    return f"temperature scaling, with a bias for {', '.join(with_bias)}"
 
 
 def mean_ece(per_label: Mapping[str, float]) -> float:

@@ -213,6 +213,7 @@ SCHEMA: dict[str, Any] = {
                 "bias": {"type": "object", "additionalProperties": {"type": "number"}},
                 "form": {"type": "object", "additionalProperties": {
                     "enum": ["temperature", "temperature+bias"]}},
+                "asked": {"enum": ["temperature", "temperature+bias", "auto"]},
                 "selection": {"type": "string"},
                 "heldout_nll": {"type": "object", "additionalProperties": {
                     "type": "object", "additionalProperties": {"type": "number"}}},

@@ -202,7 +202,12 @@ class TrainSpec(JobSpec):
         default="none", description="none|imagenet|PATH.keras|PATH.weights.h5|MODEL:VERSION"
     )
     mode: Literal["full", "head"] = Field(default="full", description="full|head")
-    augment: bool = Field(default=False, description="Random flips/crops/rotation/brightness.")
+    augment: bool | None = Field(
+        default=None, json_schema_extra={"default_shown": "on in full mode, off in head mode"},
+        description="Training-time augmentation: small random crops, rotations and brightness "
+        "changes (unset: on in full mode; off in head mode, which trains on cached backbone "
+        "features).",
+    )
     class_weights: Literal["auto", "none"] = Field(default="auto", description="auto|none")
     patience: int = Field(default=4, ge=1, description="Early-stopping patience in epochs.")
     resume: bool = Field(
@@ -212,6 +217,12 @@ class TrainSpec(JobSpec):
     run_id: str | None = Field(default=None, description="Training run id (for --resume).")
     calibrate: bool = Field(
         default=True, description="Fit temperature scaling on validation (scores calibrated)."
+    )
+    calibration_form: Literal["temperature", "temperature+bias", "auto"] = Field(
+        default="temperature",
+        description="temperature: one temperature (validation's prevalence stays out of the "
+        "scores); temperature+bias: a bias per class/label too, for validation drawn like the "
+        "data to score; auto: the bias where 2-fold cross-fitting on validation keeps it.",
     )
     operating_point: str = Field(
         default="youden",
@@ -234,6 +245,15 @@ class TrainSpec(JobSpec):
     @classmethod
     def _model(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _augment_by_mode(cls, data: Any) -> Any:
+        """Unset --augment is decided here, so that every record of the spec (the training's
+        spec file, resume checks, the card's hyperparameters) holds what was used."""
+        if isinstance(data, dict) and data.get("augment") is None:
+            data = {**data, "augment": data.get("mode", "full") != "head"}
+        return data
 
     @field_validator("operating_point")
     @classmethod

@@ -36,12 +36,13 @@ def _units(groups: np.ndarray | None, n: int) -> tuple[np.ndarray | None, str]:
 
 def summarise(y: np.ndarray, raw: np.ndarray, groups: np.ndarray | None, labels: Sequence[str],
               multi_label: bool, split: str, rules: Sequence[op.Rule], calibrate: bool = True,
-              n_boot: int = N_BOOT) -> dict[str, Any]:
+              n_boot: int = N_BOOT, form: str = calibration.TEMPERATURE) -> dict[str, Any]:
     """{calibration, operating_points, thresholds, validation} for the card, from validation
-    targets ``y``, the model's raw scores and each row's bootstrap unit."""
+    targets ``y``, the model's raw scores and each row's bootstrap unit; ``form`` is the
+    calibration form asked for (``calibration.FORMS``)."""
     y = np.asarray(y, dtype=np.float32)
     if calibrate and len(y):
-        cal, scores = calibration.calibrate(raw, y, labels, multi_label, split)
+        cal, scores = calibration.calibrate(raw, y, labels, multi_label, split, form)
     else:
         cal, scores = {}, np.asarray(raw, dtype=np.float32)
     points = op.choose(y, scores, labels, rules, split)

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 # Ray names a placement group's resources twice: ``CPU_group_<pg id>`` for the group and
 # ``CPU_group_<bundle>_<pg id>`` for the bundle, each with the same amount; one is counted
 _GROUP_RESOURCE = re.compile(r"^(?P<name>.+)_group_(?P<bundle>\d+_)?[0-9a-f]+$")
+# The first pause while task events lag, and how each next one grows (bounded in total by
+# job_usage's ``settle_tries`` seconds): events land about a second after a call ends
+SETTLE_FIRST_S = 0.1
+SETTLE_GROWTH = 1.3
 
 
 def plain_resources(res: Mapping[str, float]) -> dict[str, float]:
@@ -90,28 +94,45 @@ def _settled(tasks: list[Any]) -> bool:
                                     if t.start_time_ms and not t.actor_id)
 
 
+def settle_waits(bound_s: float, first_s: float = SETTLE_FIRST_S,
+                 growth: float = SETTLE_GROWTH) -> list[float]:
+    """The pauses between listings while task events lag: short at first, growing, and
+    together exactly ``bound_s`` (the last one trimmed), so a job whose events arrive soon
+    pays a fraction of a second and one whose events lag still waits the whole bound."""
+    waits: list[float] = []
+    left, step = bound_s, first_s
+    while left > 1e-9:
+        waits.append(round(min(step, left), 6))
+        left -= waits[-1]
+        step *= growth
+    return waits
+
+
 def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
     """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure).
 
-    ``settle_tries``: how many more times (a second apart) to list while task events lag; 0
-    for a job that is being stopped and has seconds left."""
+    ``settle_tries``: the seconds (one per try of the earlier fixed one-second pauses) to go on
+    listing while task events lag, in pauses that start at ``SETTLE_FIRST_S`` and grow; 0 for
+    a job that is being stopped and has seconds left."""
     try:
         import ray
         from ray.util.state import list_actors, list_tasks
 
         job_hex = ray.get_runtime_context().get_job_id()
         # Workers report task events about once a second: list again while the last calls of
-        # an actor still lack their node or end time (bounded: ``settle_tries`` more tries).
-        for attempt in range(settle_tries + 1):
+        # an actor still lack their node or end time. Pausing a whole second each time cost
+        # every job's end about a second; short growing pauses end soon after the events land.
+        waits = settle_waits(float(settle_tries))
+        for attempt in range(len(waits) + 1):
             tasks = list_tasks(
                 filters=[("job_id", "=", job_hex)],
                 detail=True,
                 limit=10_000,
                 raise_on_missing_output=False,
             )
-            if attempt == settle_tries or _settled(tasks):
+            if attempt == len(waits) or _settled(tasks):
                 break
-            time.sleep(1.0)
+            time.sleep(waits[attempt])
         # Where each actor runs comes from the GCS actor table, which has no reporting lag.
         actors = list_actors(filters=[("job_id", "=", job_hex)], detail=True, limit=10_000,
                              raise_on_missing_output=False)

@@ -25,7 +25,7 @@ from medray.cluster.infra.context import JobContext
 from medray.cluster.report import heatmaps, inputs, remote
 from medray.cluster.store import layout, registry, runs
 from medray.cluster.store.lake import Lake
-from medray.workers import model_card, report_html
+from medray.workers import calibration, model_card, report_html
 from medray.workers.errors import InfraError, InputError, NotFoundError
 from medray.workers.evaluation import Report, build_report, result_metrics
 from medray.workers.jsonsafe import json_safe
@@ -136,7 +136,7 @@ def run(spec: ReportSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
         "reference": spec.reference, "compare": spec.compare,
         "drift_psi": spec.drift_psi if ref is not None else None, "drifted_labels": drifted,
         "heatmaps": len(heat), "heatmaps_note": heat_note,
-        "calibration": "temperature scaling" if card and card.calibration else "none",
+        "calibration": calibration.describe(card.calibration if card else None),
         "subgroup_attributes": list(attributes),
         "flagged_gaps": sum(1 for g in report.gaps if g.get("flagged")),
         "created_at": now_utc().isoformat(),

@@ -153,11 +153,15 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     # Ray Train v2's own classes: what ray.train gives at run time (the type checker sees v1's)
     from ray.train import DataConfig
     from ray.train.v2.api.config import RunConfig, ScalingConfig
-    from ray.train.v2.tensorflow.tensorflow_trainer import (  # imports TensorFlow: late
-        TensorflowTrainer,
-    )
+    from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
 
     from medray.cluster.train.remote import train_loop
+    from medray.workers.models import import_tensorflow
+
+    # TensorflowTrainer's backend (ray.train.tensorflow) imports TensorFlow on this driver when
+    # it is built: import it first without the scikit-learn Keras pulls in (about 1.2 s of a
+    # 3.5-4 s import on 2 cores, on the job's critical path; BENCHMARKS.md "Start-up")
+    import_tensorflow()
 
     spec, facts = plan.spec, plan.data
     reader = data.read_features if plan.cached else data.read_images
@@ -264,8 +268,9 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
               "metrics": {"val_mean_auroc": best.get("val_mean_auroc"),
                           "val_auroc": best.get("val_auroc"), "best_epoch": state["best_epoch"],
                           "epochs_run": state["epoch"]},
-              "calibration": {k: cal.get(k) for k in ("temperature", "ece_before",
-                                                       "ece_after")} if cal else None,
+              "calibration": {k: cal.get(k) for k in ("temperature", "bias", "form",
+                                                       "ece_before", "ece_after")}
+              if cal else None,
               "val_ece_before": model_card.mean_value(cal.get("ece_before")) if cal else None,
               "val_ece_after": model_card.mean_value(cal.get("ece_after")) if cal else None,
               "thresholds": card.thresholds,

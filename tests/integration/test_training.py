@@ -328,10 +328,10 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     the operating points fitted on validation, validation metrics with intervals, the
     intended use from flags and a card file, and a card that validates against its schema."""
     import jsonschema
+    import keras
 
     from medray.workers import calibration
     from medray.workers.model_card import SCHEMA
-    from medray.workers.models import feature_extractor
 
     card_file = tmp_path / "card.yaml"
     card_file.write_text("users: radiology researchers\nlimitations:\n"
@@ -364,7 +364,12 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
                 rows[split].append((np.frombuffer(pixels, np.uint8).reshape(28, 28, 1),
                                     "pneumonia" in labels))
     x_train = np.stack([r[0] for r in rows["train"]]).astype(np.float32)
-    feats = feature_extractor(model)
+    # full mode augments by default: the layers are in the model (the identity when it
+    # scores); BatchNorm's agreement is measured on the plain images, below them
+    assert {"aug_crop", "aug_rotate", "aug_brightness"} <= {ly.name for ly in model.layers}
+    assert card["hyperparameters"]["augment"] is True
+    last_aug = [ly for ly in model.layers if ly.name.startswith("aug_")][-1]
+    feats = keras.Model(last_aug.output, model.get_layer("features").output)
     trained = np.asarray(feats(x_train, training=True))
     served = np.asarray(feats(x_train, training=False))
     # before the fix: 0.9 on the same measure (tests/unit/test_training_unit.py)

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from medray.workers import bootstrap, calibration, metrics
 from medray.workers import operating_points as op
-from medray.workers.errors import ConfigError
+from medray.workers.errors import ConfigError, InputError
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -101,7 +101,7 @@ def test_sigmoid_temperature_and_bias_are_recovered_and_chosen(t_true, b_true):
     """Labels drawn from sigmoid(z / T + b): no temperature alone fits them, so cross-fitting
     keeps the bias, and the refit on all rows finds both (maximum likelihood is consistent)."""
     raw, y = _sigmoid_data(0, t_true, b_true)
-    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], multi_label=True)
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True, calibration.AUTO)
     assert fitted["form"]["x"] == calibration.WITH_BIAS
     assert fitted["temperature"]["x"] == pytest.approx(t_true, rel=0.05)
     assert fitted["bias"]["x"] == pytest.approx(b_true, abs=0.06)
@@ -115,7 +115,7 @@ def test_softmax_temperature_and_class_biases_are_recovered():
     b_true = np.array([0.0, 0.8, -0.5])
     truth = _softmax(z / 1.5 + b_true)
     y = np.eye(3)[[rng.choice(3, p=p) for p in truth]]
-    fitted = calibration.fit_forms(_softmax(z), y, ["a", "b", "c"], multi_label=False)
+    fitted = calibration.fit_forms(_softmax(z), y, ["a", "b", "c"], False, calibration.AUTO)
     assert set(fitted["form"].values()) == {calibration.WITH_BIAS}
     assert len(set(fitted["temperature"].values())) == 1  # one shared temperature
     assert fitted["temperature"]["a"] == pytest.approx(1.5, rel=0.05)
@@ -129,7 +129,7 @@ def test_temperature_alone_is_chosen_when_a_bias_does_not_help():
     kept = 0
     for seed in range(40):
         raw, y = _sigmoid_data(seed, 2.0, 0.0, n=1000)
-        fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], multi_label=True)
+        fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True, calibration.AUTO)
         if fitted["form"]["x"] == calibration.TEMPERATURE:
             kept += 1
             assert fitted["bias"]["x"] == 0.0
@@ -158,8 +158,9 @@ def test_calibrate_stores_the_form_and_applies_the_bias():
     raw, y = _sigmoid_data(3, 1.0, 1.5, n=5000)
     scores = np.c_[raw, 1 - raw]
     ys = np.c_[y, 1 - y]
-    card, after = calibration.calibrate(scores, ys, ["p", "q"], True, "val")
+    card, after = calibration.calibrate(scores, ys, ["p", "q"], True, "val", calibration.AUTO)
     assert card["form"] == {"p": calibration.WITH_BIAS, "q": calibration.WITH_BIAS}
+    assert card["asked"] == calibration.AUTO and "cross-fitted" in card["selection"]
     assert card["bias"]["p"] == pytest.approx(1.5, abs=0.12)
     assert card["bias"]["q"] == pytest.approx(-card["bias"]["p"], abs=1e-6)  # the mirror label
     np.testing.assert_allclose(after, calibration.apply_card(scores, card, ["p", "q"], True))
@@ -185,8 +186,47 @@ def test_a_card_with_temperatures_only_scores_as_before():
 def test_a_fitting_half_without_a_class_keeps_temperature_only():
     raw = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.85])
     y = np.array([1, 1, 1, 0, 1, 1], float)  # one negative: one fold has none to fit on
-    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True)
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True, calibration.AUTO)
     assert fitted["form"]["x"] == calibration.TEMPERATURE and fitted["bias"]["x"] == 0.0
+
+
+def test_temperature_alone_is_the_default_even_where_a_bias_would_fit():
+    """The default keeps validation's prevalence out of the scores: no bias is fitted, however
+    much it would help on validation, and the temperature is the plain maximum-likelihood one."""
+    raw, y = _sigmoid_data(0, 2.0, 1.2)
+    card, after = calibration.calibrate(raw[:, None], y[:, None], ["x"], True, "val")
+    assert card["asked"] == calibration.TEMPERATURE
+    assert card["form"] == {"x": calibration.TEMPERATURE}
+    assert card["bias"] == {"x": 0.0} and card["heldout_nll"] == {"x": {}}
+    alone = calibration.fit(raw[:, None], y[:, None], ["x"], True)["x"]
+    assert card["temperature"]["x"] == alone
+    np.testing.assert_allclose(after, calibration.apply(raw[:, None], [card["temperature"]["x"]],
+                                                        True), rtol=1e-6)
+
+
+def test_temperature_and_bias_asked_for_are_fitted_without_a_choice():
+    """Asked for, the bias is fitted even where cross-fitting would drop it (no bias in the
+    data: the fit is then near 0, not exactly 0), and recovered where there is one."""
+    raw, y = _sigmoid_data(5, 2.0, 0.0, n=1000)
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True, calibration.WITH_BIAS)
+    assert fitted["form"]["x"] == calibration.WITH_BIAS and fitted["heldout_nll"]["x"] == {}
+    assert fitted["bias"]["x"] != 0.0 and abs(fitted["bias"]["x"]) < 0.3
+    raw, y = _sigmoid_data(1, 0.6, -0.8)
+    fitted = calibration.fit_forms(raw[:, None], y[:, None], ["x"], True, calibration.WITH_BIAS)
+    assert fitted["bias"]["x"] == pytest.approx(-0.8, abs=0.06)
+
+
+def test_a_bias_asked_for_on_a_one_class_label_falls_back_to_the_temperature():
+    raw = np.array([0.9, 0.8, 0.7, 0.6])
+    fitted = calibration.fit_forms(raw[:, None], np.ones((4, 1)), ["x"], True,
+                                   calibration.WITH_BIAS)
+    assert fitted["form"]["x"] == calibration.TEMPERATURE and fitted["bias"]["x"] == 0.0
+    assert fitted["temperature"]["x"] == 1.0
+
+
+def test_an_unknown_calibration_form_is_refused():
+    with pytest.raises(InputError, match="calibration form"):
+        calibration.fit_forms(np.full((4, 1), 0.5), np.ones((4, 1)), ["x"], True, "platt")
 
 
 # ------------------------------------------------------------------------------ ECE
@@ -334,3 +374,13 @@ def test_bad_rules_name_the_fix(bad):
 def test_a_rule_for_an_unknown_label_is_refused():
     with pytest.raises(ConfigError, match="no label 'Mass'"):
         op.check_labels(op.parse("Mass:youden"), ["Effusion"])
+
+
+def test_a_cards_calibration_is_described_in_words():
+    assert calibration.describe(None) == calibration.describe({}) == "none"
+    old = {"temperature": {"a": 1.2, "b": 1.2}}  # before the form was recorded
+    assert calibration.describe(old) == "temperature scaling"
+    both = {**old, "form": {"a": calibration.WITH_BIAS, "b": calibration.WITH_BIAS}}
+    assert calibration.describe(both) == "temperature scaling with a bias"
+    one = {**old, "form": {"a": calibration.TEMPERATURE, "b": calibration.WITH_BIAS}}
+    assert calibration.describe(one) == "temperature scaling, with a bias for b"

@@ -142,6 +142,19 @@ def test_flags_left_at_their_default_do_not_reach_the_spec(submitted):
     assert submitted == [("train", {"dataset": "ds", "model": "m", "epochs": 3, "augment": False})]
 
 
+def test_augmentation_left_unset_follows_the_mode(submitted):
+    """Unset, --augment is decided by the spec (on in full mode, off in head mode, where the
+    backbone-feature cache needs unchanging pixels); given, it wins either way."""
+    for args, expected in (([], True), (["--mode", "head"], False),
+                           (["--mode", "head", "--augment"], True), (["--no-augment"], False)):
+        submitted.clear()
+        result = CliRunner().invoke(cli.app, ["train", "-d", "ds", "-m", "m", *args])
+        assert result.exit_code == 0, result.output
+        if not args:
+            assert "augment" not in submitted[0][1], submitted  # unset stays unset
+        assert TrainSpec(**submitted[0][1]).augment is expected, args
+
+
 def test_environment_counts_as_given(submitted, tmp_path):
     result = CliRunner().invoke(
         cli.app, ["report", "r1", "--n-boot", "10"], env={"MEDRAY_LAKE": str(tmp_path)}

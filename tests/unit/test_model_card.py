@@ -10,6 +10,7 @@ import jsonschema
 import numpy as np
 import pytest
 
+from medray.workers import calibration
 from medray.workers import model_card as mc
 from medray.workers import operating_points as op
 from medray.workers.validation import summarise
@@ -17,7 +18,7 @@ from medray.workers.validation import summarise
 LABELS = ["normal", "pneumonia"]
 
 
-def _validation(seed: int = 0, n: int = 400) -> dict:
+def _validation(seed: int = 0, n: int = 400, form: str = calibration.AUTO) -> dict:
     rng = np.random.default_rng(seed)
     truth = (rng.random(n) < 0.7).astype(int)
     z = rng.normal(size=n) * 3 + 4 * truth - 2
@@ -26,7 +27,7 @@ def _validation(seed: int = 0, n: int = 400) -> dict:
     y = np.eye(2, dtype=np.float32)[truth]
     units = np.array([f"patient:{i // 2}" for i in range(n)], dtype=object)
     return summarise(y, raw, units, LABELS, False, "val",
-                     op.parse("youden,pneumonia:sensitivity=0.95"), n_boot=200)
+                     op.parse("youden,pneumonia:sensitivity=0.95"), n_boot=200, form=form)
 
 
 def _trained_card() -> mc.ModelCard:
@@ -57,6 +58,7 @@ def test_a_trained_card_validates_against_the_schema():
         "pneumonia"]  # one temperature for a softmax model
     cal = card["calibration"]  # the validation data has a bias (prevalence 0.7): kept
     assert cal["form"] == {"normal": "temperature+bias", "pneumonia": "temperature+bias"}
+    assert cal["asked"] == "auto"
     assert cal["bias"]["normal"] == 0.0 and cal["bias"]["pneumonia"] > 0
     rules = [(p["label"], p["rule"], p["primary"]) for p in card["operating_points"]]
     assert rules == [("normal", "youden", True), ("pneumonia", "youden", True),
@@ -66,6 +68,14 @@ def test_a_trained_card_validates_against_the_schema():
     assert "patients" in card["validation"]["ci"]
     assert card["limitations"][0] == "Trained on paediatric images only."
     assert any(x.startswith(mc.NOT_MEASURED) for x in card["limitations"])
+
+
+def test_a_default_card_holds_the_temperature_alone_and_validates():
+    found = _validation(form=calibration.TEMPERATURE)
+    cal = found["calibration"]
+    assert cal["asked"] == "temperature" and set(cal["form"].values()) == {"temperature"}
+    assert set(cal["bias"].values()) == {0.0}
+    jsonschema.validate({**_trained_card().to_dict(), "calibration": cal}, mc.SCHEMA)
 
 
 def test_a_card_with_a_report_evaluation_validates():

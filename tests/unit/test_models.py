@@ -89,6 +89,7 @@ def test_parse_augment_forms():
     assert parse_augment(None) is None and parse_augment(False) is None
     assert parse_augment("none") is None
     assert parse_augment(True) == Augment() == parse_augment("default")
+    assert Augment() == Augment(flip=False, crop=0.05, rotation=0.02, brightness=0.1)
     aug = parse_augment("flip,crop=0.2")
     assert aug == Augment(flip=True, crop=0.2, rotation=0.0, brightness=0.0)
     rotate = parse_augment("rotate=0.05")
@@ -101,9 +102,12 @@ def test_parse_augment_forms():
 
 def test_augmentation_is_active_in_training_only():
     plain = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1)
-    aug = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1, augment=Augment())
+    every = Augment(flip=True)
+    aug = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1, augment=every)
     assert {"aug_flip", "aug_crop", "aug_rotate", "aug_brightness"} <= {
         layer.name for layer in aug.layers}
+    preset = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1, augment=Augment())
+    assert "aug_flip" not in {layer.name for layer in preset.layers}  # X-rays keep their sides
     transfer_weights(plain, aug)
     x = _pixels(4, 28, 1)
     infer = np.asarray(aug(x, training=False))
