@@ -208,14 +208,15 @@ def train(
         return
     metrics = res.get("metrics") or {}
     ref = f"{res.get('model')}:{res.get('version')}"
-    forms = sorted(set(((res.get("calibration") or {}).get("form") or {}).values()))
+    from medray.workers.calibration import describe  # numpy: not on every CLI start
+
     summary(f"registered {ref}", [
         ("training id", res.get("training_id")),
         ("validation mean AUROC", metrics.get("val_mean_auroc")),
         ("best epoch", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')}"),
         ("validation ECE before calibration", res.get("val_ece_before")),
         ("validation ECE after calibration", res.get("val_ece_after")),
-        ("calibration form", ", ".join(forms) or None),
+        ("calibration", describe(res.get("calibration"))),
     ], [("model", res.get("uri"))],
         [f"medray score --dataset {dataset} --model {ref} --split test",
          f"medray models show {ref}"])

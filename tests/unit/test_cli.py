@@ -3,6 +3,7 @@ whose defaults live only in the spec classes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,20 @@ def test_augmentation_left_unset_follows_the_mode(submitted):
         if not args:
             assert "augment" not in submitted[0][1], submitted  # unset stays unset
         assert TrainSpec(**submitted[0][1]).augment is expected, args
+
+
+def test_train_summary_names_the_calibration_in_words(monkeypatch):
+    result = {"model": "m", "version": 2, "training_id": "t", "metrics": {},
+              "val_ece_before": 0.08, "val_ece_after": 0.05, "uri": "file:///lake/models/m/2",
+              "calibration": {"temperature": {"a": 1.2, "b": 1.2},
+                              "form": {"a": "temperature+bias", "b": "temperature+bias"}}}
+    monkeypatch.setattr(sdk, "submit", lambda *_, **__: result)
+    shown = CliRunner().invoke(cli.app, ["train", "-d", "ds", "-m", "m"])
+    assert shown.exit_code == 0, shown.output
+    assert "temperature scaling with a bias" in shown.output
+    result["calibration"] = None  # --no-calibrate
+    shown = CliRunner().invoke(cli.app, ["train", "-d", "ds", "-m", "m", "--no-calibrate"])
+    assert re.search(r"calibration\s+none", shown.output), shown.output
 
 
 def test_environment_counts_as_given(submitted, tmp_path):
