@@ -201,7 +201,7 @@ def train_run(env: dict[str, str], lake: str, name: str) -> dict[str, float]:
         "CLI and submission": job["submitted"] - t_cli,
         "job driver start (supervisor, Python, imports, ray.init)":
             job["started"] - job["submitted"],
-        "driver set-up (dataset reads, plan, Ray Train and TensorFlow import)":
+        "driver set-up (dataset reads, validation split, plan, Ray Train import)":
             first - job["started"],
         "Ray Train controller and worker group start": worker - first,
         "train worker: Python, imports, TensorFlow import, strategy, model build":
@@ -216,9 +216,10 @@ def train_run(env: dict[str, str], lake: str, name: str) -> dict[str, float]:
 
 
 def tensorflow_import_s(env: dict[str, str], masked: bool = False) -> float:
-    """``import tensorflow`` in a fresh Python: as Ray Train's TensorFlow backend does it in its
-    controller and workers (scikit-learn too), or ``masked`` as the scorer actors and the train
-    driver do it (``workers.models.import_tensorflow``, scikit-learn left out)."""
+    """``import tensorflow`` in a fresh Python: plainly (scikit-learn too, as Ray's own
+    TensorFlow backend made Ray Train's controller and workers do), or ``masked`` as the scorer
+    actors and the train workers do it (``workers.models.import_tensorflow``, scikit-learn left
+    out)."""
     code = "from medray.workers.models import import_tensorflow; print(import_tensorflow())" \
         if masked else "import time; t = time.perf_counter(); import tensorflow; " \
         "print(time.perf_counter() - t)"
@@ -308,10 +309,11 @@ def report(runs: dict[str, list[dict[str, float]]], load: list[float],
         lines += [f"Train: `medray train --epochs 1` (small CNN, 4708 PneumoniaMNIST images at "
                   f"28 px, default flags), {len(runs['train'])} run(s). TensorFlow's import "
                   f"alone, in a fresh Python: {statistics.median(tf_import['plain']):.2f} s "
-                  "with scikit-learn (as Ray Train's TensorFlow backend imports it in its "
-                  "controller and in each worker), "
-                  f"{statistics.median(tf_import['masked']):.2f} s without (the train driver "
-                  "and the scorer actors).", "",
+                  "with scikit-learn (as Ray's own TensorFlow backend made Ray Train's "
+                  "controller and workers import it), "
+                  f"{statistics.median(tf_import['masked']):.2f} s without (the train workers "
+                  "and the scorer actors; the train driver and Ray Train's controller import "
+                  "none).", "",
                   *_table(runs["train"]), ""]
     return "\n".join(lines)
 

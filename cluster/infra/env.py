@@ -36,6 +36,8 @@ AWS_REGION = "AWS_REGION"
 AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"  # set: use the AWS chain, not the embedded lake's keys
 RAY_JOB_STOP_WAIT = "RAY_JOB_STOP_WAIT_TIME_S"  # set on every job: Ray's SIGTERM-to-SIGKILL wait
+# set by the train driver for Ray Train's controller: how often it asks the workers how they are
+RAY_TRAIN_HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # set on every job so its log holds what the CLI shows and not start-up noise (docs/output.md)
 TF_CPP_MIN_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL"  # 3: no TensorFlow C++ INFO/WARNING lines
 RAY_DEDUP_LOGS_ALLOW_REGEX = "RAY_DEDUP_LOGS_ALLOW_REGEX"  # lines Ray never folds together

@@ -2,13 +2,14 @@
 
 The driver resolves everything the workers need into one frozen ``TrainPlan`` (the training
 id, the dataset, class weights, initial weights, the head-mode feature cache), checks the
-cluster's resources, and runs ``TensorflowTrainer`` (``MultiWorkerMirroredStrategy``) with the
-loop in ``remote.py``. Each worker streams its equal share of the train split; rank 0 also reads
-the validation split, materialised once. The best epoch (mean validation AUROC) becomes the
-next version of the model, with its card: temperature scaling and operating points fitted on
-validation, validation metrics with patient-level intervals, the training data's counts, the
-intended use and the limitations (``workers/model_card.py``). A training that already
-registered its model returns that version and registers nothing new.
+cluster's resources, and runs Ray Train (``MultiWorkerMirroredStrategy``, with medray's own
+backend, ``backend.py``) with the loop in ``remote.py``. Each worker streams its equal share of
+the train split; rank 0 also reads the validation split, materialised once. The best epoch
+(mean validation AUROC) becomes the next version of the model, with its card: temperature
+scaling and operating points fitted on validation, validation metrics with patient-level
+intervals, the training data's counts, the intended use and the limitations
+(``workers/model_card.py``). A training that already registered its model returns that
+version and registers nothing new.
 
 A worker lost with its node restarts, with the rest of its worker group, from the last
 checkpoint (up to ``restarts.MAX_FAILURES`` times); anything else a worker raises fails the job
@@ -18,13 +19,14 @@ at once (``restarts.py``). The job's result says how often it restarted and from
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from medray.cluster.infra import autoscale
+from medray.cluster.infra import autoscale, env
 from medray.cluster.infra.context import JobContext
 from medray.cluster.store import catalog, layout, registry
 from medray.cluster.store.lake import Lake
@@ -40,6 +42,10 @@ from medray.workers.specs import TrainSpec
 
 log = logging.getLogger(__name__)
 # the spec fields a model card lists as its hyperparameters
+# Ray Train's controller notices that the workers finished (or failed) at its next health check:
+# every 2 s by default, about 1.4 s of a small job's end on 2 cores (BENCHMARKS.md "Start-up");
+# a check is one small call per worker
+HEALTH_CHECK_S = 0.5
 _HYPERPARAMETERS = {"epochs", "batch_size", "learning_rate", "workers", "cpus_per_worker",
                     "gpus_per_worker", "mode", "augment", "class_weights", "seed", "patience"}
 
@@ -153,16 +159,13 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     # Ray Train v2's own classes: what ray.train gives at run time (the type checker sees v1's)
     from ray.train import DataConfig
     from ray.train.v2.api.config import RunConfig, ScalingConfig
-    from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from medray.cluster.train.backend import TensorflowBackendConfig
     from medray.cluster.train.remote import train_loop
-    from medray.workers.models import import_tensorflow
 
-    # TensorflowTrainer's backend (ray.train.tensorflow) imports TensorFlow on this driver when
-    # it is built: import it first without the scikit-learn Keras pulls in (about 1.2 s of a
-    # 3.5-4 s import on 2 cores, on the job's critical path; BENCHMARKS.md "Start-up")
-    import_tensorflow()
-
+    # Ray Train hands this from the driver's environment to its controller; a cluster's own wins
+    os.environ.setdefault(env.RAY_TRAIN_HEALTH_CHECK, str(HEALTH_CHECK_S))
     spec, facts = plan.spec, plan.data
     reader = data.read_features if plan.cached else data.read_images
     labels = list(facts.labels)
@@ -170,17 +173,22 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     val_ds = data.dataset(files, reader, lake, plan.val_split, labels,
                           facts.multi_label, keys=True).materialize()
     gpus = spec.gpus_per_worker
-    trainer = TensorflowTrainer(
+    run_config = RunConfig(name=f"medray-{plan.train_id}-{plan.job_id}",
+                           storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),
+                           failure_config=restarts.failure_config(),
+                           callbacks=[restarts.FailFast()])
+    # medray's backend, not Ray's TensorflowTrainer: neither this driver nor Ray Train's
+    # controller imports TensorFlow (backend.py; BENCHMARKS.md "Start-up")
+    trainer = DataParallelTrainer(
         train_loop,
+        backend_config=TensorflowBackendConfig(),
         train_loop_config={PLAN: plan},
         scaling_config=ScalingConfig(
             num_workers=spec.workers, use_gpu=bool(gpus),
             resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": gpus} if gpus
                                                                   else {})}),
-        run_config=RunConfig(name=f"medray-{plan.train_id}-{plan.job_id}",
-                             storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),
-                             failure_config=restarts.failure_config(),
-                             callbacks=[restarts.FailFast()]),
+        # the trainer's annotations name ray.train's classes, v1's to the type checker
+        run_config=run_config,  # type: ignore[arg-type]
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

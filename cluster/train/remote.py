@@ -41,12 +41,13 @@ PROGRESS_EVERY_S = 30.0  # and at least this often
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; ``config`` is ``{PLAN: TrainPlan}``."""
+    from medray.workers.models import configure_tensorflow, import_tensorflow
+
+    import_tensorflow()  # first, without scikit-learn: the worker's one TensorFlow import
     import keras
     import ray.train
     import tensorflow as tf
     from ray.train.collective import broadcast_from_rank_zero
-
-    from medray.workers.models import configure_tensorflow
 
     plan: TrainPlan = config[PLAN]
     logs.configure()
