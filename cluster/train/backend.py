@@ -4,8 +4,8 @@
 a backend has to do is give each worker the list of every worker's address and its own index
 before the training loop starts. Ray's ``TensorflowConfig`` does that too, but it lives in
 ``ray.train.tensorflow``, whose package ``__init__`` imports TensorFlow, and Ray pickles the
-config by reference: Ray Train's controller imported TensorFlow (with scikit-learn, about 3 s
-on 2 cores) only to unpickle its config, the job driver imported it to build the trainer, and
+config by reference: Ray Train's controller imported TensorFlow (with scikit-learn, 2-3 s on
+2 cores) only to unpickle its config, the job driver imported it to build the trainer, and
 each worker imported it (scikit-learn included) in the backend's set-up, before medray's loop
 could import it the quick way (``workers.models.import_tensorflow``). This backend imports no
 TensorFlow anywhere; the loop imports it once, in the workers, where it is used
@@ -47,7 +47,8 @@ def host_port(host: str, port: int) -> str:
 
 
 def _address() -> str:
-    """This worker's node address and a port free on it now, for the strategy's gRPC server."""
+    """This worker's node address and a port free on it now, for the strategy's gRPC server
+    (free when asked: TensorFlow binds it moments later, as with Ray's own backend)."""
     import ray
 
     with socket.socket(socket.AF_INET6 if ":" in (host := ray.util.get_node_ip_address())

@@ -41,11 +41,11 @@ from medray.workers.models import ModelCard
 from medray.workers.specs import TrainSpec
 
 log = logging.getLogger(__name__)
-# the spec fields a model card lists as its hyperparameters
 # Ray Train's controller notices that the workers finished (or failed) at its next health check:
 # every 2 s by default, about 1.4 s of a small job's end on 2 cores (BENCHMARKS.md "Start-up");
 # a check is one small call per worker
 HEALTH_CHECK_S = 0.5
+# the spec fields a model card lists as its hyperparameters
 _HYPERPARAMETERS = {"epochs", "batch_size", "learning_rate", "workers", "cpus_per_worker",
                     "gpus_per_worker", "mode", "augment", "class_weights", "seed", "patience"}
 
