@@ -1,4 +1,6 @@
-"""Fault injection for the fault tests: the only place in medray that kills its own process.
+"""Fault injection for the fault tests: the only place in medray that kills its own process
+mid-work (a job's driver also leaves by ``os._exit``, but only once its result is out:
+``jobs/entry.py``).
 
 ``MEDRAY_FAULT`` travels with a job's environment. Forms:
 

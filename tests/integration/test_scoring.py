@@ -138,7 +138,11 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_rows(setup, medray_home
     # half a CPU each: the uninterrupted run goes on beside the one that is stopped, so this
     # also shows two runs over one dataset at once both committing
     opts = ("--batch-size", "8", "--cpus-per-actor", "0.5")
-    job = cli_json(*_score(setup, setup["slow"], part, *opts), "--no-wait")["job_id"]
+    # the run to stop also waits 0.25 s after each batch of 8: the job writes its prediction
+    # files in bursts, and the slow model alone left the stop racing the last burst
+    slowed = {**os.environ, "MEDRAY_FAULT": "score_batch_delay:0.25"}
+    job = cli_json(*_score(setup, setup["slow"], part, *opts), "--no-wait",
+                   env=slowed)["job_id"]
     reference = subprocess.Popen([MEDRAY, *_score(setup, setup["slow"], full, *opts), "--json"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,6 +1,7 @@
 """Start-up pieces that need no Ray (issue 17): the readers' wait for the whole scorer pool, the
-CLI noticing a job's end as soon as its driver exits, and TensorFlow's import without the
-scikit-learn that Keras would pull in."""
+CLI noticing a job's end as soon as its driver exits, the driver leaving without the
+interpreter's teardown, and TensorFlow's import without the scikit-learn that Keras would pull
+in."""
 
 from __future__ import annotations
 
@@ -142,3 +143,25 @@ def test_tensorflow_import_leaves_scikit_learn_out_but_importable():
                          timeout=300, check=True, env={"TF_CPP_MIN_LOG_LEVEL": "3",
                                                         "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["False", "True", "0.0"]
+
+
+# a driver's last lines, printed and logged without a flush, then the exit; the atexit handler
+# stands for the interpreter's and Ray's teardown, which leave() skips
+_LEAVE = """
+import atexit, logging, sys
+from medray.jobs.entry import leave
+atexit.register(lambda: print('teardown ran'))
+logging.basicConfig(stream=sys.stderr, format='%(message)s')
+sys.stdout.write('MEDRAY_RESULT {}')
+logging.getLogger('x').warning('last log line')
+leave(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_the_driver_leaves_with_its_code_and_every_line_but_no_teardown(code):
+    out = subprocess.run([sys.executable, "-c", _LEAVE, str(code)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == code
+    assert out.stdout == "MEDRAY_RESULT {}"
+    assert out.stderr.strip().splitlines()[-1] == "last log line"
