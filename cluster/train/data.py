@@ -1,8 +1,10 @@
 """What training reads: labelled rows of one split, from image shards or cached features.
 
-The readers are Ray Data UDFs (shard paths in, numpy batches out) that run in Ray Data tasks;
-``dataset`` builds the pipeline the driver hands to Ray Train, which splits the train split
-across workers as a stream (no full copy per worker). ``count_rows`` reads two columns per
+The readers are generators (shard paths in, numpy batches out). For the train split they run
+as Ray Data UDFs: ``dataset`` builds the pipeline the driver hands to Ray Train, which splits
+it across workers as a stream (no full copy per worker). The validation split, which rank 0
+scores whole every epoch, is read by ``split_parts``: one light Ray task per file, started
+before Ray Train and read by rank 0 from the object store. ``count_rows`` reads two columns per
 shard on the driver, before anything starts, so batch sizes and class weights are known.
 """
 
@@ -134,3 +136,28 @@ def dataset(paths: list[str], reader: Reader, lake: Lake, split: str, labels: li
                            "multi_label": multi_label, "keys": keys},
         batch_size=1, batch_format="numpy", num_cpus=READER_CPUS,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(MAX_READERS, len(paths)))))
+
+
+def _read_part(path: str, reader: Reader, lake_uri: str, split: str, labels: list[str],
+               multi_label: bool) -> Batch:
+    """One file's rows of ``split`` as one batch with each row's bootstrap unit ("g");
+    an empty dict when the file has none."""
+    parts = list(reader({"path": [path]}, lake_uri, split, labels, multi_label, keys=True))
+    if not parts:
+        return {}
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def split_parts(paths: list[str], reader: Reader, lake: Lake, split: str, labels: list[str],
+                multi_label: bool) -> list[Any]:
+    """Object refs to the rows of one split, one per file (``_read_part``), read by light Ray
+    tasks that run while Ray Train starts its workers.
+
+    Materialising a Ray Data pipeline here held the driver about 1.1 s in a small job (its
+    executor's start), before Ray Train could start (BENCHMARKS.md "Start-up"). The driver
+    owns the refs, so the rows stay in the object store until the job ends, and Ray reads a
+    file again if a lost node held its part."""
+    import ray
+
+    read = ray.remote(num_cpus=READER_CPUS)(_read_part)
+    return [read.remote(path, reader, lake.uri, split, labels, multi_label) for path in paths]

@@ -4,7 +4,8 @@ The driver resolves everything the workers need into one frozen ``TrainPlan`` (t
 id, the dataset, class weights, initial weights, the head-mode feature cache), checks the
 cluster's resources, and runs Ray Train (``MultiWorkerMirroredStrategy``, with medray's own
 backend, ``backend.py``) with the loop in ``remote.py``. Each worker streams its equal share of
-the train split; rank 0 also reads the validation split, materialised once. The best epoch
+the train split; rank 0 also scores the validation split, read into the object store by light
+Ray tasks while Ray Train starts (``data.split_parts``). The best epoch
 (mean validation AUROC) becomes the next version of the model, with its card: temperature
 scaling and operating points fitted on validation, validation metrics with patient-level
 intervals, the training data's counts, the intended use and the limitations
@@ -170,8 +171,9 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     reader = data.read_features if plan.cached else data.read_images
     labels = list(facts.labels)
     train_ds = data.dataset(files, reader, lake, "train", labels, facts.multi_label)
-    val_ds = data.dataset(files, reader, lake, plan.val_split, labels,
-                          facts.multi_label, keys=True).materialize()
+    # read while Ray Train starts; rank 0 scores these rows every epoch
+    plan = replace(plan, val_parts=tuple(data.split_parts(files, reader, lake, plan.val_split,
+                                                          labels, facts.multi_label)))
     gpus = spec.gpus_per_worker
     run_config = RunConfig(name=f"medray-{plan.train_id}-{plan.job_id}",
                            storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),
@@ -189,7 +191,7 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
                                                                   else {})}),
         # the trainer's annotations name ray.train's classes, v1's to the type checker
         run_config=run_config,  # type: ignore[arg-type]
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": train_ds},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:

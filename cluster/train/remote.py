@@ -37,6 +37,7 @@ from medray.workers.jsonsafe import json_safe
 log = logging.getLogger(__name__)
 PROGRESS_LINES = 4  # progress lines per epoch, besides the epoch line
 PROGRESS_EVERY_S = 30.0  # and at least this often
+VAL_BATCH = 256  # images per validation batch
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -94,6 +95,7 @@ def train_loop(config: dict[str, Any]) -> None:
     stop = tr.finished(state, plan.spec.epochs)  # every rank read the same checkpoint
     # rank 0 keeps its last training images of each epoch for the BatchNorm statistics
     keep = tr.BN_IMAGES if rank == 0 and tr.batchnorm_layers(model) else 0
+    best: tuple[int, list[Any]] | None = None  # rank 0: (epoch, weights) of this job's best
     while not stop:
         epoch += 1
         done = _train_epoch(shard, train_step, batching, epoch, plan, rank == 0, keep)
@@ -104,6 +106,8 @@ def train_loop(config: dict[str, Any]) -> None:
             decision = _close_epoch(lake, plan, model, optimizer, loss_fn, state, board,
                                     {**done, "epoch": epoch,
                                      "images": done["steps"] * batching.global_batch})
+            if decision["improved"]:  # held in memory: the end reads no checkpoint back
+                best = (epoch, model.get_weights())
         decision = broadcast_from_rank_zero(decision)  # one decision, whatever BN drift says
         ray.train.report({"epoch": epoch, "steps": done["steps"]})
         lake.write_json(layout.training_rank(plan.spec.model, plan.train_id, plan.job_id, rank),
@@ -115,7 +119,7 @@ def train_loop(config: dict[str, Any]) -> None:
             time.sleep(delay)
         stop = bool(decision["stop"])
     if rank == 0:
-        _finalise(lake, plan, model, state)
+        _finalise(lake, plan, model, state, best)
 
 
 def _quiet_tensorflow() -> None:
@@ -220,20 +224,25 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
     if stop:
         log.info("early stop after epoch %d: %s; best epoch %d", done["epoch"],
                  state["stopped"], state["best_epoch"])
-    return {"stop": tr.finished(state, plan.spec.epochs), "epoch": done["epoch"]}
+    return {"stop": tr.finished(state, plan.spec.epochs), "epoch": done["epoch"],
+            "improved": improved}
 
 
 def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(targets, scores, each row's bootstrap unit) over the whole validation split; rank 0
-    only."""
-    import ray.train
+    """(targets, scores, each row's bootstrap unit) over the whole validation split, from the
+    object store (``plan.val_parts``); rank 0 only."""
+    import ray
 
     ys, scores, units = [], [], []
-    for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256,
-                                                                   batch_format="numpy"):
-        ys.append(batch["y"])
-        scores.append(tr.predict(model, [batch["x"]]))
-        units.append(batch["g"])
+    for ref in plan.val_parts:
+        part = ray.get(ref)
+        if not part:
+            continue  # a file with no rows of the split
+        x = part["x"]
+        ys.append(part["y"])
+        scores.append(tr.predict(model, [x[i : i + VAL_BATCH] for i in range(0, len(x),
+                                                                             VAL_BATCH)]))
+        units.append(part["g"])
     n_labels = len(plan.data.labels)
     if not ys:
         return (np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32),
@@ -241,14 +250,28 @@ def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray, np.n
     return np.concatenate(ys), np.concatenate(scores), np.concatenate(units)
 
 
-def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any]) -> None:
+def restore_best(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any],
+                 best: tuple[int, list[Any]] | None) -> str:
+    """Put the best epoch's weights into ``model``: from ``best`` (the epoch and weights rank 0
+    kept) when it is the best epoch, else from the best checkpoint (a resumed training whose
+    best epoch an earlier job trained). Says which."""
+    if best is not None and best[0] == state["best_epoch"]:
+        model.set_weights(best[1])
+        return "memory"
+    checkpoints.load_best(lake, plan, model)
+    return "checkpoint"
+
+
+def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any],
+              best: tuple[int, list[Any]] | None = None) -> None:
     """Best weights -> calibration, operating points and metrics with intervals on validation
-    -> the full .keras model + result in final/."""
+    -> the full .keras model + result in final/. ``best``: this job's best epoch and its
+    weights, when it trained the best epoch; else they come from the best checkpoint."""
     from medray.workers import validation
     from medray.workers.models import set_head
     from medray.workers.operating_points import parse
 
-    checkpoints.load_best(lake, plan, model)
+    restore_best(lake, plan, model, state, best)
     y, scores, units = _validate(model, plan)
     found = validation.summarise(y, scores, units, plan.data.labels, plan.data.multi_label,
                                  plan.val_split, parse(plan.spec.operating_point),

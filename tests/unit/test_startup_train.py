@@ -26,6 +26,9 @@ import pickle, sys
 from types import SimpleNamespace
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from medray.cluster.train import data, job
+from medray.cluster.train.plan import DatasetFacts, TrainPlan
+from medray.cluster.train.weights import InitWeights
+from medray.workers.specs import TrainSpec
 
 class Built(Exception):
     pass
@@ -39,12 +42,15 @@ def fit(self):
     raise Built(type(self).__name__)
 
 DataParallelTrainer.fit = fit
-data.dataset = lambda *a, **k: SimpleNamespace(materialize=lambda: 'val rows')
-spec = SimpleNamespace(gpus_per_worker=0, workers=1, cpus_per_worker=1.0)
-plan = SimpleNamespace(spec=spec, data=SimpleNamespace(labels=('a', 'b'), multi_label=False),
-                       cached=False, val_split='val', train_id='t1', job_id='j1')
+data.dataset = lambda *a, **k: SimpleNamespace()
+data.split_parts = lambda *a, **k: ['val part']
+facts = DatasetFacts.from_manifest('d', 1, {'labels': ['a', 'b'], 'multi_label': False,
+                                            'image_size': 28, 'channels': 1})
+plan = TrainPlan(spec=TrainSpec(dataset='d', model='m'), lake_uri='/lake', job_id='j1',
+                 train_id='t1', data=facts, train_rows=100, val_split='val',
+                 init=InitWeights('none', 'none'), class_weights=None)
 try:
-    job._fit(None, plan, ['part-00000.parquet'])
+    job._fit(SimpleNamespace(uri='/lake'), plan, ['part-00000.parquet'])
 except Built as built:
     print(built)
 print('tensorflow' in sys.modules, 'sklearn' in sys.modules)

@@ -342,6 +342,52 @@ def test_readers_keep_one_split_with_known_labels(tmp_path):
     assert RowCounts({"train": 3, "test": 1}, {}).val_split == "test"
 
 
+def test_a_validation_part_is_one_files_rows_of_the_split_in_one_batch(tmp_path):
+    from medray.cluster.store.lake import Lake
+    from medray.cluster.train.data import _read_part, read_images
+
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [("val", ["a"]), ("train", ["b"]), ("val", ["b"]), ("val", None), ("val", [])]
+    _shard(lake, "s/part-00000.parquet", rows)
+    _shard(lake, "s/part-00001.parquet", [("train", ["a"])])
+    part = _read_part("s/part-00000.parquet", read_images, lake.uri, "val", ["a", "b"], True)
+    # the rows the generator gives in its batches, in one: pixels, targets, bootstrap units
+    assert part["x"].shape == (3, 2, 2, 1) and part["y"].shape == (3, 2)
+    got = {int(img[0, 0, 0]): (tuple(t), g) for img, t, g in zip(part["x"], part["y"],
+                                                                 part["g"], strict=True)}
+    assert got == {0: ((1.0, 0.0), "image:id0"), 2: ((0.0, 1.0), "image:id2"),
+                   4: ((0.0, 0.0), "image:id4")}
+    assert _read_part("s/part-00001.parquet", read_images, lake.uri, "val", ["a", "b"],
+                      True) == {}
+
+
+def test_the_end_of_training_takes_the_best_weights_from_memory_or_the_checkpoint(
+        monkeypatch):
+    from medray.cluster.train import checkpoints, remote
+
+    class Model:
+        weights: object = "last epoch's"
+
+        def set_weights(self, weights):
+            self.weights = weights
+
+    read = []
+    monkeypatch.setattr(checkpoints, "load_best",
+                        lambda lake, plan, model: (read.append(1),
+                                                   model.set_weights("best checkpoint's")))
+    model = Model()
+    # early stop: epoch 3 was this job's best, epoch 5 its last
+    assert remote.restore_best(None, None, model, {"best_epoch": 3}, (3, "epoch 3's")) == "memory"
+    assert model.weights == "epoch 3's" and not read
+    # resumed: the best epoch (2) came from an earlier job; weights kept for any other epoch
+    # are never taken for it
+    for kept in (None, (4, "epoch 4's")):
+        model = Model()
+        assert remote.restore_best(None, None, model, {"best_epoch": 2}, kept) == "checkpoint"
+        assert model.weights == "best checkpoint's"
+    assert len(read) == 2
+
+
 def test_training_ids_resume_and_refusals(tmp_path):
     from medray.cluster.store.lake import Lake
     from medray.cluster.train.checkpoints import choose_training
