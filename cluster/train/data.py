@@ -3,13 +3,14 @@
 The readers are generators (shard paths in, numpy batches out). For the train split they run
 as Ray Data UDFs: ``dataset`` builds the pipeline the driver hands to Ray Train, which splits
 it across workers as a stream (no full copy per worker). The validation split, which rank 0
-scores whole every epoch, is read by ``split_parts``: one light Ray task per file, started
-before Ray Train and read by rank 0 from the object store. ``count_rows`` reads two columns per
-shard on the driver, before anything starts, so batch sizes and class weights are known.
+scores whole every epoch, is read by rank 0 itself, in a thread (``SplitRows``), from its
+start. ``count_rows`` reads two columns per shard on the driver, before anything starts, so
+batch sizes and class weights are known.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,8 +139,13 @@ def dataset(paths: list[str], reader: Reader, lake: Lake, split: str, labels: li
         compute=ray.data.TaskPoolStrategy(size=max(1, min(MAX_READERS, len(paths)))))
 
 
-def _read_part(path: str, reader: Reader, lake_uri: str, split: str, labels: list[str],
-               multi_label: bool) -> Batch:
+def reader_for(cached: bool) -> Reader:
+    """The reader of a training's files: cached features for a cached head, else images."""
+    return read_features if cached else read_images
+
+
+def read_part(path: str, reader: Reader, lake_uri: str, split: str, labels: list[str],
+              multi_label: bool) -> Batch:
     """One file's rows of ``split`` as one batch with each row's bootstrap unit ("g");
     an empty dict when the file has none."""
     parts = list(reader({"path": [path]}, lake_uri, split, labels, multi_label, keys=True))
@@ -148,16 +154,38 @@ def _read_part(path: str, reader: Reader, lake_uri: str, split: str, labels: lis
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def split_parts(paths: list[str], reader: Reader, lake: Lake, split: str, labels: list[str],
-                multi_label: bool) -> list[Any]:
-    """Object refs to the rows of one split, one per file (``_read_part``), read by light Ray
-    tasks that run while Ray Train starts its workers.
+class SplitRows:
+    """The rows of one split, file by file (``read_part``), read by a thread of the process
+    that scores them (the training's rank 0) from the moment it starts, so the reading runs
+    beside the worker's TensorFlow import and first epoch.
 
-    Materialising a Ray Data pipeline here held the driver about 1.1 s in a small job (its
-    executor's start), before Ray Train could start (BENCHMARKS.md "Start-up"). The driver
-    owns the refs, so the rows stay in the object store until the job ends, and Ray reads a
-    file again if a lost node held its part."""
-    import ray
+    Ray Data's ``materialize()`` on the driver held a small job 1.1 s before Ray Train could
+    start, and Ray tasks in its place each started a Python process on the same cores as the
+    workers (BENCHMARKS.md "Start-up"). ``parts()`` waits for the thread and raises what the
+    reading raised."""
 
-    read = ray.remote(num_cpus=READER_CPUS)(_read_part)
-    return [read.remote(path, reader, lake.uri, split, labels, multi_label) for path in paths]
+    def __init__(self, paths: list[str], reader: Reader, lake_uri: str, split: str,
+                 labels: list[str], multi_label: bool) -> None:
+        self._parts: list[Batch] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._read, args=(paths, reader, lake_uri, split, labels, multi_label),
+            name=f"medray-{split}-rows", daemon=True)
+        self._thread.start()
+
+    def _read(self, paths: list[str], reader: Reader, lake_uri: str, split: str,
+              labels: list[str], multi_label: bool) -> None:
+        try:
+            for path in paths:
+                part = read_part(path, reader, lake_uri, split, labels, multi_label)
+                if part:
+                    self._parts.append(part)
+        except BaseException as exc:  # noqa: BLE001 - raised again by parts(), in the caller
+            self._error = exc
+
+    def parts(self) -> list[Batch]:
+        """Every file's rows of the split (files with none left out), once all are read."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._parts

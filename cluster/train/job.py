@@ -4,8 +4,8 @@ The driver resolves everything the workers need into one frozen ``TrainPlan`` (t
 id, the dataset, class weights, initial weights, the head-mode feature cache), checks the
 cluster's resources, and runs Ray Train (``MultiWorkerMirroredStrategy``, with medray's own
 backend, ``backend.py``) with the loop in ``remote.py``. Each worker streams its equal share of
-the train split; rank 0 also scores the validation split, read into the object store by light
-Ray tasks while Ray Train starts (``data.split_parts``). The best epoch
+the train split; rank 0 also scores the validation split, which it reads itself in a thread
+from its start (``data.SplitRows``). The best epoch
 (mean validation AUROC) becomes the next version of the model, with its card: temperature
 scaling and operating points fitted on validation, validation metrics with patient-level
 intervals, the training data's counts, the intended use and the limitations
@@ -168,12 +168,10 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
     # Ray Train hands this from the driver's environment to its controller; a cluster's own wins
     os.environ.setdefault(env.RAY_TRAIN_HEALTH_CHECK, str(HEALTH_CHECK_S))
     spec, facts = plan.spec, plan.data
-    reader = data.read_features if plan.cached else data.read_images
     labels = list(facts.labels)
-    train_ds = data.dataset(files, reader, lake, "train", labels, facts.multi_label)
-    # read while Ray Train starts; rank 0 scores these rows every epoch
-    plan = replace(plan, val_parts=tuple(data.split_parts(files, reader, lake, plan.val_split,
-                                                          labels, facts.multi_label)))
+    train_ds = data.dataset(files, data.reader_for(plan.cached), lake, "train", labels,
+                            facts.multi_label)
+    plan = replace(plan, val_files=tuple(files))  # rank 0 reads its validation rows itself
     gpus = spec.gpus_per_worker
     run_config = RunConfig(name=f"medray-{plan.train_id}-{plan.job_id}",
                            storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),

@@ -57,8 +57,8 @@ class TrainPlan:
     class_weights: tuple[tuple[float, ...], tuple[float, ...]] | None
     # the size of the cached backbone features the head trains on; None: it trains on images
     feature_dim: int | None = None
-    # object refs to the validation split's rows, one per file (data.split_parts)
-    val_parts: tuple[Any, ...] = ()
+    # the files rank 0 reads the validation split from (image shards or feature files)
+    val_files: tuple[str, ...] = ()
 
     @property
     def run_dir(self) -> str:

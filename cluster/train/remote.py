@@ -28,7 +28,7 @@ import numpy as np
 from medray.cluster.infra import events, faults, logs
 from medray.cluster.store import layout
 from medray.cluster.store.lake import Lake
-from medray.cluster.train import checkpoints, restarts
+from medray.cluster.train import checkpoints, data, restarts
 from medray.cluster.train.plan import PLAN, TrainPlan
 from medray.cluster.train.weights import initial_model
 from medray.workers import training as tr
@@ -42,21 +42,26 @@ VAL_BATCH = 256  # images per validation batch
 
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; ``config`` is ``{PLAN: TrainPlan}``."""
+    import ray.train
+
     from medray.workers.models import configure_tensorflow, import_tensorflow
 
-    import_tensorflow()  # first, without scikit-learn: the worker's one TensorFlow import
+    plan: TrainPlan = config[PLAN]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # rank 0 reads the validation split beside its TensorFlow import and first epoch
+    val = data.SplitRows(list(plan.val_files), data.reader_for(plan.cached), plan.lake_uri,
+                         plan.val_split, list(plan.data.labels), plan.data.multi_label) \
+        if rank == 0 else None
+    import_tensorflow()  # without scikit-learn: the worker's one TensorFlow import
     import keras
-    import ray.train
     import tensorflow as tf
     from ray.train.collective import broadcast_from_rank_zero
 
-    plan: TrainPlan = config[PLAN]
     logs.configure()
     _quiet_tensorflow()
     configure_tensorflow()
     lake = Lake(plan.lake_uri)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     batching = tr.plan_batches(plan.train_rows, plan.spec.batch_size, world,
                               tr.local_replicas(strategy))
@@ -86,7 +91,7 @@ def train_loop(config: dict[str, Any]) -> None:
             log.info("resumed from the checkpoint of epoch %d (best epoch %d)", state["epoch"],
                      state["best_epoch"])
     board: _Board | None = None
-    if rank == 0:
+    if val is not None:
         board = _Board(lake, layout.training_board(plan.spec.model, plan.train_id))
     shard = ray.train.get_dataset_shard("train")
     fault, delay = faults.train_exit_epoch(), faults.train_epoch_delay()
@@ -102,8 +107,8 @@ def train_loop(config: dict[str, Any]) -> None:
         mine[str(epoch)] = {"steps": done["steps"], "batches": done["batches"],
                             "images": done["steps"] * batching.local_batch}
         decision: dict[str, Any] | None = None
-        if board is not None:
-            decision = _close_epoch(lake, plan, model, optimizer, loss_fn, state, board,
+        if board is not None and val is not None:
+            decision = _close_epoch(lake, plan, val, model, optimizer, loss_fn, state, board,
                                     {**done, "epoch": epoch,
                                      "images": done["steps"] * batching.global_batch})
             if decision["improved"]:  # held in memory: the end reads no checkpoint back
@@ -118,8 +123,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if delay:
             time.sleep(delay)
         stop = bool(decision["stop"])
-    if rank == 0:
-        _finalise(lake, plan, model, state, best)
+    if val is not None:
+        _finalise(lake, plan, val, model, state, best)
 
 
 def _quiet_tensorflow() -> None:
@@ -191,7 +196,8 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
             "bar": bar}
 
 
-def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_fn: Any,
+def _close_epoch(lake: Lake, plan: TrainPlan, val: data.SplitRows, model: Any, optimizer: Any,
+                 loss_fn: Any,
                  state: dict[str, Any], board: _Board, done: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: validate, book the epoch, checkpoint, TensorBoard, progress; the decision."""
     seconds = done["seconds"]
@@ -203,7 +209,7 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
     bar: events.Phase | None = done.pop("bar", None)
     if tr.precise_batchnorm(model, recent):
         record["bn_images"] = sum(len(x) for x in recent)  # what the statistics came from
-    y, scores, _ = _validate(model, plan)
+    y, scores, _ = _validate(model, val, len(plan.data.labels))
     ev = tr.evaluate(y, scores, plan.data.labels)
     record.update(val_loss=tr.mean_loss(loss_fn, y, scores), val_mean_auroc=ev["mean_auroc"],
                   val_auroc=ev["auroc"])
@@ -228,22 +234,17 @@ def _close_epoch(lake: Lake, plan: TrainPlan, model: Any, optimizer: Any, loss_f
             "improved": improved}
 
 
-def _validate(model: Any, plan: TrainPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(targets, scores, each row's bootstrap unit) over the whole validation split, from the
-    object store (``plan.val_parts``); rank 0 only."""
-    import ray
-
+def _validate(model: Any, val: data.SplitRows, n_labels: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, scores, each row's bootstrap unit) over the whole validation split; rank 0
+    only."""
     ys, scores, units = [], [], []
-    for ref in plan.val_parts:
-        part = ray.get(ref)
-        if not part:
-            continue  # a file with no rows of the split
+    for part in val.parts():
         x = part["x"]
         ys.append(part["y"])
         scores.append(tr.predict(model, [x[i : i + VAL_BATCH] for i in range(0, len(x),
                                                                              VAL_BATCH)]))
         units.append(part["g"])
-    n_labels = len(plan.data.labels)
     if not ys:
         return (np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32),
                 np.zeros(0, object))
@@ -262,8 +263,8 @@ def restore_best(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any],
     return "checkpoint"
 
 
-def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any],
-              best: tuple[int, list[Any]] | None = None) -> None:
+def _finalise(lake: Lake, plan: TrainPlan, val: data.SplitRows, model: Any,
+              state: dict[str, Any], best: tuple[int, list[Any]] | None = None) -> None:
     """Best weights -> calibration, operating points and metrics with intervals on validation
     -> the full .keras model + result in final/. ``best``: this job's best epoch and its
     weights, when it trained the best epoch; else they come from the best checkpoint."""
@@ -272,7 +273,7 @@ def _finalise(lake: Lake, plan: TrainPlan, model: Any, state: dict[str, Any],
     from medray.workers.operating_points import parse
 
     restore_best(lake, plan, model, state, best)
-    y, scores, units = _validate(model, plan)
+    y, scores, units = _validate(model, val, len(plan.data.labels))
     found = validation.summarise(y, scores, units, plan.data.labels, plan.data.multi_label,
                                  plan.val_split, parse(plan.spec.operating_point),
                                  calibrate=plan.spec.calibrate,

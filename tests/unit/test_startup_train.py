@@ -43,7 +43,6 @@ def fit(self):
 
 DataParallelTrainer.fit = fit
 data.dataset = lambda *a, **k: SimpleNamespace()
-data.split_parts = lambda *a, **k: ['val part']
 facts = DatasetFacts.from_manifest('d', 1, {'labels': ['a', 'b'], 'multi_label': False,
                                             'image_size': 28, 'channels': 1})
 plan = TrainPlan(spec=TrainSpec(dataset='d', model='m'), lake_uri='/lake', job_id='j1',
