@@ -197,8 +197,8 @@ def _train_epoch(shard: Any, train_step: Any, batching: tr.BatchPlan, epoch: int
 
 
 def _close_epoch(lake: Lake, plan: TrainPlan, val: data.SplitRows, model: Any, optimizer: Any,
-                 loss_fn: Any,
-                 state: dict[str, Any], board: _Board, done: dict[str, Any]) -> dict[str, Any]:
+                 loss_fn: Any, state: dict[str, Any], board: _Board,
+                 done: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: validate, book the epoch, checkpoint, TensorBoard, progress; the decision."""
     seconds = done["seconds"]
     record: dict[str, Any] = {
