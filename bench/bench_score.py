@@ -229,11 +229,14 @@ def model_alone(model_path: str, images: np.ndarray, batch: int) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------- (b)
+def _score_cmd(dataset: str, model: str, lake: Path, tuning: list[str]) -> list[str]:
+    return [MEDRAY, "score", "--dataset", dataset, "--model", model, "--lake", str(lake),
+            *tuning, "--json"]
+
+
 def medray_score(dataset: str, model: str, lake: Path, env: dict[str, str], temp_dir: str,
                  tuning: list[str], repeats: int) -> dict[str, Any]:
-    proc, stats = measured(
-        [MEDRAY, "score", "--dataset", dataset, "--model", model, "--lake", str(lake),
-         *tuning, "--json"], env, temp_dir, repeats)
+    proc, stats = measured(_score_cmd(dataset, model, lake, tuning), env, temp_dir, repeats)
     if proc.returncode != 0:
         raise SystemExit(f"medray score failed:\n{proc.stderr[-4000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -247,9 +250,8 @@ def first_job(dataset: str, model: str, lake: Path, env: dict[str, str],
     are what a running cluster does all day, and the first one pays once for what they
     share)."""
     started = time.perf_counter()
-    proc = subprocess.run([MEDRAY, "score", "--dataset", dataset, "--model", model, "--lake",
-                           str(lake), *tuning, "--json"], capture_output=True, text=True,
-                          env=env, check=False)
+    proc = subprocess.run(_score_cmd(dataset, model, lake, tuning), capture_output=True,
+                          text=True, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"medray score failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - started
@@ -467,6 +469,8 @@ def main() -> None:
                         help="(b) with hand-picked flags (--actors 1 --cpus-per-actor CPUS "
                         "--batch-size B) instead of medray's defaults")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     small, large = (int(s) for s in args.sizes.split(","))
     work = Path(tempfile.mkdtemp(prefix="medray-bench-score-"))
     home = Path(f"/tmp/mr-bs-{os.getpid()}")  # short: Ray's socket paths must stay < 108 bytes
