@@ -144,29 +144,20 @@ def reader_for(cached: bool) -> Reader:
     return read_features if cached else read_images
 
 
-def read_part(path: str, reader: Reader, lake_uri: str, split: str, labels: list[str],
-              multi_label: bool) -> Batch:
-    """One file's rows of ``split`` as one batch with each row's bootstrap unit ("g");
-    an empty dict when the file has none."""
-    parts = list(reader({"path": [path]}, lake_uri, split, labels, multi_label, keys=True))
-    if not parts:
-        return {}
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-
-
 class SplitRows:
-    """The rows of one split, file by file (``read_part``), read by a thread of the process
-    that scores them (the training's rank 0) from the moment it starts, so the reading runs
-    beside the worker's TensorFlow import and first epoch.
+    """The rows of one split with each row's bootstrap unit ("g"), in the reader's batches,
+    file by file, read by a thread of the process that scores them (the training's rank 0)
+    from the moment it starts, so the reading runs beside the worker's TensorFlow import and
+    first epoch.
 
     Ray Data's ``materialize()`` on the driver held a small job 1.1 s before Ray Train could
     start, and Ray tasks in its place each started a Python process on the same cores as the
-    workers (BENCHMARKS.md "Start-up"). ``parts()`` waits for the thread and raises what the
+    workers (BENCHMARKS.md "Start-up"). ``batches()`` waits for the thread and raises what the
     reading raised."""
 
     def __init__(self, paths: list[str], reader: Reader, lake_uri: str, split: str,
                  labels: list[str], multi_label: bool) -> None:
-        self._parts: list[Batch] = []
+        self._batches: list[Batch] = []
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._read, args=(paths, reader, lake_uri, split, labels, multi_label),
@@ -176,16 +167,14 @@ class SplitRows:
     def _read(self, paths: list[str], reader: Reader, lake_uri: str, split: str,
               labels: list[str], multi_label: bool) -> None:
         try:
-            for path in paths:
-                part = read_part(path, reader, lake_uri, split, labels, multi_label)
-                if part:
-                    self._parts.append(part)
+            self._batches.extend(reader({"path": paths}, lake_uri, split, labels, multi_label,
+                                      keys=True))
         except BaseException as exc:  # noqa: BLE001 - raised again by parts(), in the caller
             self._error = exc
 
-    def parts(self) -> list[Batch]:
-        """Every file's rows of the split (files with none left out), once all are read."""
+    def batches(self) -> list[Batch]:
+        """Every batch of the split's rows (a file with none gives none), once all are read."""
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._parts
+        return self._batches

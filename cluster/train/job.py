@@ -5,12 +5,11 @@ id, the dataset, class weights, initial weights, the head-mode feature cache), c
 cluster's resources, and runs Ray Train (``MultiWorkerMirroredStrategy``, with medray's own
 backend, ``backend.py``) with the loop in ``remote.py``. Each worker streams its equal share of
 the train split; rank 0 also scores the validation split, which it reads itself in a thread
-from its start (``data.SplitRows``). The best epoch
-(mean validation AUROC) becomes the next version of the model, with its card: temperature
-scaling and operating points fitted on validation, validation metrics with patient-level
-intervals, the training data's counts, the intended use and the limitations
-(``workers/model_card.py``). A training that already registered its model returns that
-version and registers nothing new.
+from its start (``data.SplitRows``). The best epoch (mean validation AUROC) becomes the next
+version of the model, with its card: temperature scaling and operating points fitted on
+validation, validation metrics with patient-level intervals, the training data's counts, the
+intended use and the limitations (``workers/model_card.py``). A training that already
+registered its model returns that version and registers nothing new.
 
 A worker lost with its node restarts, with the rest of its worker group, from the last
 checkpoint (up to ``restarts.MAX_FAILURES`` times); anything else a worker raises fails the job

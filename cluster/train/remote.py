@@ -37,7 +37,6 @@ from medray.workers.jsonsafe import json_safe
 log = logging.getLogger(__name__)
 PROGRESS_LINES = 4  # progress lines per epoch, besides the epoch line
 PROGRESS_EVERY_S = 30.0  # and at least this often
-VAL_BATCH = 256  # images per validation batch
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -239,12 +238,10 @@ def _validate(model: Any, val: data.SplitRows, n_labels: int
     """(targets, scores, each row's bootstrap unit) over the whole validation split; rank 0
     only."""
     ys, scores, units = [], [], []
-    for part in val.parts():
-        x = part["x"]
-        ys.append(part["y"])
-        scores.append(tr.predict(model, [x[i : i + VAL_BATCH] for i in range(0, len(x),
-                                                                             VAL_BATCH)]))
-        units.append(part["g"])
+    for batch in val.batches():
+        ys.append(batch["y"])
+        scores.append(tr.predict(model, [batch["x"]]))
+        units.append(batch["g"])
     if not ys:
         return (np.zeros((0, n_labels), np.float32), np.zeros((0, n_labels), np.float32),
                 np.zeros(0, object))

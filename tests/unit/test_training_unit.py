@@ -344,32 +344,30 @@ def test_readers_keep_one_split_with_known_labels(tmp_path):
 
 def test_validation_rows_are_read_by_a_thread_file_by_file(tmp_path):
     from medray.cluster.store.lake import Lake
-    from medray.cluster.train.data import SplitRows, read_images, read_part, reader_for
+    from medray.cluster.train.data import SplitRows, read_images, reader_for
     from medray.workers.errors import NotFoundError
 
     lake = Lake(str(tmp_path / "lake"))
     rows = [("val", ["a"]), ("train", ["b"]), ("val", ["b"]), ("val", None), ("val", [])]
     _shard(lake, "s/part-00000.parquet", rows)
     _shard(lake, "s/part-00001.parquet", [("train", ["a"])])
-    part = read_part("s/part-00000.parquet", read_images, lake.uri, "val", ["a", "b"], True)
-    # the rows the generator gives in its batches, in one: pixels, targets, bootstrap units
-    assert part["x"].shape == (3, 2, 2, 1) and part["y"].shape == (3, 2)
-    got = {int(img[0, 0, 0]): (tuple(t), g) for img, t, g in zip(part["x"], part["y"],
-                                                                 part["g"], strict=True)}
+    # the thread reads every file; a file without rows of the split gives no batch
+    paths = ["s/part-00001.parquet", "s/part-00000.parquet"]
+    batches = SplitRows(paths, reader_for(False), lake.uri, "val", ["a", "b"], True).batches()
+    assert len(batches) == 1
+    # the split's labelled rows: pixels, targets, bootstrap units (in a fresh random order
+    # each read: data.labelled)
+    (batch,) = batches
+    assert batch["x"].shape == (3, 2, 2, 1) and batch["y"].shape == (3, 2)
+    got = {int(img[0, 0, 0]): (tuple(t), g) for img, t, g in zip(batch["x"], batch["y"],
+                                                                 batch["g"], strict=True)}
     assert got == {0: ((1.0, 0.0), "image:id0"), 2: ((0.0, 1.0), "image:id2"),
                    4: ((0.0, 0.0), "image:id4")}
-    assert read_part("s/part-00001.parquet", read_images, lake.uri, "val", ["a", "b"],
-                     True) == {}
-    # the thread reads every file; a file without rows of the split gives no part
-    paths = ["s/part-00001.parquet", "s/part-00000.parquet"]
-    parts = SplitRows(paths, reader_for(False), lake.uri, "val", ["a", "b"], True).parts()
-    # (in a fresh random order each read: data.labelled)
-    assert len(parts) == 1 and sorted(parts[0]["g"]) == ["image:id0", "image:id2", "image:id4"]
-    # what the reading raised is raised by parts(), in the caller's thread
+    # what the reading raised is raised by batches(), in the caller's thread
     missing = SplitRows([*paths, "s/part-00009.parquet"], read_images, lake.uri, "val",
                         ["a", "b"], True)
     with pytest.raises(NotFoundError, match="part-00009.parquet"):
-        missing.parts()
+        missing.batches()
 
 
 def test_the_end_of_training_takes_the_best_weights_from_memory_or_the_checkpoint(
