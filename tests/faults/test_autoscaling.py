@@ -157,7 +157,17 @@ def test_gpu_node_lost_mid_train(scoring, autoscaling):
         path = f"{training}/checkpoints/latest.json"
         return json.loads(h.read_object(fs, path)) if h.exists(fs, path) else None
 
-    latest = h.wait_for("the first checkpoint", checkpointed, 400, every=0.2)
+    def booked() -> dict | None:
+        """The latest checkpoint once rank 0's file also records its epoch: the worker writes
+        that file just after the checkpoint, then waits its 3 s, when the node goes."""
+        latest, rank_file = checkpointed(), f"{training}/ranks/{job_id}-rank0.json"
+        if latest is None or not h.exists(fs, rank_file):
+            return None
+        epochs = json.loads(h.read_object(fs, rank_file))["epochs"]
+        return latest if str(latest["epoch"]) in epochs else None
+
+    latest = h.wait_for("the first checkpoint and its epoch in rank 0's file", booked, 400,
+                        every=0.2)
     rank0 = json.loads(h.read_object(fs, f"{training}/ranks/{job_id}-rank0.json"))
     lost = rank0["attempts"][0]
     assert lost["node_type"] in GPU_TYPES, lost
