@@ -1,9 +1,10 @@
 """What a job used and what it cost: wall time, CPU- and GPU-seconds per node type.
 
 Usage comes from Ray's state API for the job's tasks and actors: a task holds its resources
-from start to end; an actor holds them from its creation until its last method call ends. An
-actor in a placement group (a Ray Train worker) asks for its bundle's resources, which Ray
-names per group (``GPU_group_<pg>``): they count as the plain resource they reserve.
+from start to end; an actor holds them from its creation until its last method call ends (on a
+lost node: until its last call there ended or failed). An actor in a placement group (a Ray
+Train worker) asks for its bundle's resources, which Ray names per group (``GPU_group_<pg>``):
+they count as the plain resource they reserve.
 Prices (per node type, per CPU-hour and GPU-hour) come from a YAML table named by
 ``MEDRAY_PRICES`` (see configs/cluster/prices.yaml); without one, cost is left out, never guessed.
 """
@@ -173,10 +174,14 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
                     actor_created[t.actor_id] = (start, end or start)
             if t.node_id:
                 actor_node.setdefault(t.actor_id, t.node_id)
-            if start and t.node_id:
-                span = actor_span.setdefault((t.actor_id, t.node_id), [start, end or start])
-                span[0] = min(span[0], start)
-                span[1] = max(span[1], end or start)
+            # A call that failed with its node carries only its end: its owner reported the
+            # failure, as when the node was lost before the actor's worker reported any call
+            # (workers report about once a second). The actor was there until that end.
+            seen = start or end
+            if seen and t.node_id:
+                span = actor_span.setdefault((t.actor_id, t.node_id), [seen, end or seen])
+                span[0] = min(span[0], seen)
+                span[1] = max(span[1], end or seen)
         elif start and end:
             held(t.node_id or "", t.required_resources or {}, end - start)
     for a in actors:

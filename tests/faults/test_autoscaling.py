@@ -114,9 +114,11 @@ def test_gpu_node_lost_mid_score(scoring, autoscaling):
     # before its actor did any work would prove nothing
     actor, raylet = h.wait_for("a scorer actor at work on a GPU node", scorer_on_worker, 400,
                                every=0.2)
+    # the cluster's status sees the GPU nodes (so its empty list after a job means gone); the
+    # dashboard it reads lists a node a moment after the node's raylet is up
+    h.wait_for("the cluster's status to list a GPU node",
+               lambda: set(autoscaling.worker_types()) & GPU_TYPES, 30, every=0.5)
     assert not scoring.is_committed(run_id)
-    # the cluster's status sees the GPU nodes (so its empty list after a job means gone)
-    assert set(autoscaling.worker_types()) & GPU_TYPES
     lost = next(a for a in _actor_files(scoring, run_id) if a["pid"] == actor.pid)
     fault_at = datetime.now(UTC)
     assert h.sigkill([raylet]) == [raylet.pid]

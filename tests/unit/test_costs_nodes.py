@@ -107,3 +107,33 @@ def test_a_train_worker_lost_with_its_node_keeps_its_gpu_time(
         "gpu_ondemand": {"cpu_seconds": 30.0, "gpu_seconds": 30.0}}
     assert usage["gpu_seconds"] == 60.0
     assert usage["node_types"] == ["gpu_ondemand", "gpu_spot"]
+
+
+def test_an_actor_lost_before_its_worker_reported_keeps_its_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers report their calls about once a second: a node lost sooner leaves only the calls'
+    failures, which the owner reports with the node and an end time but no start (the events
+    a real lost node left, probed on Ray 2.60)."""
+    import ray
+    import ray.util.state as state
+
+    tasks = [
+        _task("ACTOR_CREATION_TASK", None, 0, 1_000, res={"CPU": 1.0, "GPU": 1.0}),
+        # on n1 nothing but failures: the call in progress and its retries until the restart
+        _task("ACTOR_TASK", "n1", 0, 1_600),
+        _task("ACTOR_TASK", "n1", 0, 2_600),
+        # the restarted actor's calls on n2
+        _task("ACTOR_TASK", "n2", 5_000, 9_000),
+    ]
+    tasks[1].start_time_ms = tasks[2].start_time_ms = None
+    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
+    monkeypatch.setattr(state, "list_actors", lambda **_: [SimpleNamespace(
+        actor_id="a1", node_id="n2", repr_name="", class_name="MapWorker")])
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
+    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    usage = costs.job_usage(10.0, settle_tries=0)
+    assert usage["by_node"]["n1"] == {"node_type": "gpu_spot", "cpu_seconds": 2.6,
+                                      "gpu_seconds": 2.6}
+    assert usage["by_node"]["n2"]["gpu_seconds"] == 4.0
+    assert usage["by_node_type"]["gpu_spot"]["gpu_seconds"] == 2.6
