@@ -4,23 +4,29 @@ that a score of 0.8 means about 80% positives. One temperature for a softmax mod
 share one scale) with one bias per class; one temperature and one bias per label for a sigmoid
 model (each label is its own binary classifier; with the bias this is Platt scaling).
 
-Three forms, chosen by the user (``--calibration-form``):
+Four forms, chosen by the user (``--calibration-form``):
 
 - ``temperature`` (the default): a temperature alone. It cannot move the decision boundary, so
   the validation split's prevalence stays out of the scores; on PneumoniaMNIST, whose test split
   is drawn unlike its validation split (62.5% against 74% positives), it gives the lower test
-  ECE (BENCHMARKS.md, "Quality").
+  ECE for the default model (BENCHMARKS.md, "Quality").
 - ``temperature+bias``: a bias beside the temperature. A bias can undo what a temperature
   cannot (class weights that train on balanced classes, augmentation that shifts the inputs),
   and it also carries the validation split's prevalence into every score: right when validation
   is drawn like the data to be scored (a site's own recent cases), wrong otherwise.
+- ``temperature+balanced-bias``: the same bias fitted with every class (for a sigmoid label:
+  its positives and its negatives) weighted equally, whatever their counts in validation. It
+  undoes a shift of the model's (stronger augmentation makes a model score clean images lower)
+  and keeps validation's prevalence out: the scores are probabilities at equal class priors,
+  the prior that training's class weights aim at. On PneumoniaMNIST it calibrated a model
+  trained with strong augmentation where the other forms did not (BENCHMARKS.md, "Quality").
 - ``auto``: the bias only where 2-fold cross-fitting on validation (fit on one half, negative
   log-likelihood on the other, both ways round) says it saves more than ``MARGIN_NATS`` per
   bias parameter. Cross-fitting judges fit to validation, so it cannot see a prevalence shift
   after it.
 
-Both fits are maximum likelihood and contain the identity (T = 1, bias 0), so neither makes the
-validation likelihood worse than the raw scores.
+The fits are maximum likelihood (the balanced one weighted) and contain the identity (T = 1,
+bias 0), so none makes its own objective on validation worse than the raw scores.
 
 Scores are the model's probabilities, so this works for any model, ours or a user's: the logits
 are recovered from them (log p for softmax, up to a per-row constant that softmax ignores;
@@ -46,12 +52,16 @@ from medray.workers import metrics
 from medray.workers.errors import InputError
 
 METHOD = "temperature scaling (Guo et al. 2017)"
-TEMPERATURE, WITH_BIAS = "temperature", "temperature+bias"  # the forms a card may hold
+# the forms a card may hold
+TEMPERATURE, WITH_BIAS, BALANCED = "temperature", "temperature+bias", "temperature+balanced-bias"
 AUTO = "auto"  # a request, not a form: the form chosen by cross-fitting
-FORMS = (TEMPERATURE, WITH_BIAS, AUTO)  # what --calibration-form accepts
+FORMS = (TEMPERATURE, WITH_BIAS, BALANCED, AUTO)  # what --calibration-form accepts
+BIASED = (WITH_BIAS, BALANCED)  # the forms with a bias
 SELECTION = {  # the rule that gave each label its form, in words, by what was asked
     TEMPERATURE: "asked for: temperature alone",
     WITH_BIAS: "asked for: temperature and bias (temperature alone where a bias cannot be fitted)",
+    BALANCED: "asked for: temperature and bias with the classes weighted equally (temperature "
+              "alone where a bias cannot be fitted)",
     AUTO: "2-fold cross-fitted NLL on the calibration split: the bias is kept when it lowers "
           "the summed held-out NLL by more than 2 nats per bias parameter"}
 FOLDS = 2
@@ -134,16 +144,27 @@ def fit_sigmoid(logits: np.ndarray, y: np.ndarray) -> float:
     return 1.0 / _root(grad)
 
 
-def _mean_nll(u: np.ndarray, t: np.ndarray) -> float:
-    """Mean multinomial NLL of logits ``u`` against one-hot ``t``."""
+def _mean_nll(u: np.ndarray, t: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Mean multinomial NLL of logits ``u`` against one-hot ``t`` (weighted by row: ``w``)."""
     top = u.max(axis=1)
     lse = top + np.log(np.exp(u - top[:, None]).sum(axis=1))
-    return float(np.mean(lse - (u * t).sum(axis=1)))
+    return float(np.average(lse - (u * t).sum(axis=1), weights=w))
 
 
-def fit_affine(z: np.ndarray, t: np.ndarray, temperature: float) -> tuple[float, np.ndarray]:
+def balanced_weights(t: np.ndarray) -> np.ndarray:
+    """A weight per row of one-hot ``t`` that gives every class present the same total weight
+    (the rows' mean weight is 1)."""
+    counts = t.sum(axis=0)
+    present = counts > 0
+    per_class = np.where(present, len(t) / (present.sum() * np.maximum(counts, 1)), 0.0)
+    return t @ per_class
+
+
+def fit_affine(z: np.ndarray, t: np.ndarray, temperature: float,
+               weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """(T, bias per class, the first 0) minimising the NLL of softmax(z / T + bias) against
-    one-hot ``t``; a sigmoid label is the two-class case with logits (0, z).
+    one-hot ``t``, each row weighted by ``weights`` (None: equally); a sigmoid label is the
+    two-class case with logits (0, z).
 
     Newton's method on theta = (1 / T, bias[1:]) (bias[0] = 0: softmax ignores a shared shift),
     from (1 / ``temperature``, 0), each step halved until the NLL does not rise.
@@ -151,6 +172,8 @@ def fit_affine(z: np.ndarray, t: np.ndarray, temperature: float) -> tuple[float,
     z = np.asarray(z, dtype=np.float64)
     t = np.asarray(t, dtype=np.float64)
     n, k = z.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w * n / w.sum()  # mean 1: the weighted NLL keeps the plain one's scale
     # phi[i, c] = d u[i, c] / d theta: the logit for the scale, one-hot for the biases
     phi = np.zeros((n, k, k))
     phi[:, :, 0] = z
@@ -160,12 +183,13 @@ def fit_affine(z: np.ndarray, t: np.ndarray, temperature: float) -> tuple[float,
         return theta[0] * z + np.concatenate([[0.0], theta[1:]])
 
     theta = np.concatenate([[1.0 / temperature], np.zeros(k - 1)])
-    loss = _mean_nll(logits(theta), t)
+    loss = _mean_nll(logits(theta), t, w)
     for _ in range(100):
         p = _softmax(logits(theta))
-        grad = np.einsum("nc,ncd->d", p - t, phi) / n
+        grad = np.einsum("n,nc,ncd->d", w, p - t, phi) / n
         mean_phi = np.einsum("nc,ncd->nd", p, phi)
-        hess = (np.einsum("nc,ncd,nce->de", p, phi, phi) - mean_phi.T @ mean_phi) / n
+        hess = (np.einsum("n,nc,ncd,nce->de", w, p, phi, phi)
+                - (w[:, None] * mean_phi).T @ mean_phi) / n
         try:
             step = np.linalg.solve(hess + 1e-10 * np.eye(k), grad)
         except np.linalg.LinAlgError:
@@ -173,7 +197,7 @@ def fit_affine(z: np.ndarray, t: np.ndarray, temperature: float) -> tuple[float,
         size = 1.0
         while size > 1e-6:
             cand = theta - size * step
-            cand_loss = _mean_nll(logits(cand), t)
+            cand_loss = _mean_nll(logits(cand), t, w)
             if cand_loss <= loss:
                 break
             size /= 2
@@ -232,19 +256,19 @@ def _pick(z: np.ndarray, t: np.ndarray, asked: str) -> tuple[str, dict[str, floa
     asked, cross-fitted for ``auto``; a bias needs both classes in ``t``."""
     if asked == AUTO:
         return choose_form(z, t)
-    if asked == WITH_BIAS and (t.sum(axis=0) > 0).all():
-        return WITH_BIAS, {}
+    if asked in BIASED and (t.sum(axis=0) > 0).all():
+        return asked, {}
     return TEMPERATURE, {}
 
 
-def _affine_or_temperature(z: np.ndarray, t: np.ndarray, temp: float
+def _affine_or_temperature(z: np.ndarray, t: np.ndarray, temp: float, form: str
                            ) -> tuple[str, float, np.ndarray]:
-    """(form, T, bias) of the temperature-and-bias fit; the temperature alone when the fit
-    inverts the scale (never a calibration)."""
-    scale, bias = fit_affine(z, t, temp)
+    """(form, T, bias) of the temperature-and-bias fit of ``form`` (one of ``BIASED``); the
+    temperature alone when the fit inverts the scale (never a calibration)."""
+    scale, bias = fit_affine(z, t, temp, balanced_weights(t) if form == BALANCED else None)
     if not (scale > 0 and math.isfinite(scale)) or not np.all(np.isfinite(bias)):
         return TEMPERATURE, temp, np.zeros(t.shape[1])
-    return WITH_BIAS, scale, bias
+    return form, scale, bias
 
 
 def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_label: bool,
@@ -264,8 +288,8 @@ def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_la
         temp = fit_softmax(zk, tk)
         form, held = _pick(zk, tk, asked)
         bias = np.zeros(len(labels))
-        if form == WITH_BIAS:
-            form, temp, bias = _affine_or_temperature(zk, tk, temp)
+        if form in BIASED:
+            form, temp, bias = _affine_or_temperature(zk, tk, temp, form)
         for j, label in enumerate(labels):
             out["temperature"][label], out["bias"][label] = temp, float(bias[j])
             out["form"][label], out["heldout_nll"][label] = form, held
@@ -277,8 +301,8 @@ def fit_forms(scores: np.ndarray, y: np.ndarray, labels: Sequence[str], multi_la
         else:
             z2, t2 = _two_class(z[:, j], y[:, j])
             form, held = _pick(z2, t2, asked)
-            if form == WITH_BIAS:
-                form, temp, both = _affine_or_temperature(z2, t2, temp)
+            if form in BIASED:
+                form, temp, both = _affine_or_temperature(z2, t2, temp, form)
                 b = float(both[1])
         out["temperature"][label], out["bias"][label] = temp, b
         out["form"][label], out["heldout_nll"][label] = form, held
@@ -391,12 +415,14 @@ def describe(card_calibration: Mapping[str, Any] | None) -> str:
     if not (card_calibration or {}).get("temperature"):
         return "none"
     forms = dict((card_calibration or {}).get("form") or {})
-    with_bias = sorted(label for label, form in forms.items() if form == WITH_BIAS)
+    with_bias = sorted(label for label, form in forms.items() if form in BIASED)
     if not with_bias:
         return "temperature scaling"
+    kind = "a class-balanced bias" if all(forms[label] == BALANCED for label in with_bias) \
+        else "a bias"
     if len(with_bias) == len(forms):
-        return "temperature scaling with a bias"
-    return f"temperature scaling, with a bias for {', '.join(with_bias)}"
+        return f"temperature scaling with {kind}"
+    return f"temperature scaling, with {kind} for {', '.join(with_bias)}"
 
 
 def mean_ece(per_label: Mapping[str, float]) -> float:

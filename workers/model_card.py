@@ -212,8 +212,10 @@ SCHEMA: dict[str, Any] = {
                 # optional: cards written before the bias existed hold temperatures alone
                 "bias": {"type": "object", "additionalProperties": {"type": "number"}},
                 "form": {"type": "object", "additionalProperties": {
-                    "enum": ["temperature", "temperature+bias"]}},
-                "asked": {"enum": ["temperature", "temperature+bias", "auto"]},
+                    "enum": ["temperature", "temperature+bias",
+                             "temperature+balanced-bias"]}},
+                "asked": {"enum": ["temperature", "temperature+bias", "temperature+balanced-bias",
+                                   "auto"]},
                 "selection": {"type": "string"},
                 "heldout_nll": {"type": "object", "additionalProperties": {
                     "type": "object", "additionalProperties": {"type": "number"}}},

@@ -218,11 +218,14 @@ class TrainSpec(JobSpec):
     calibrate: bool = Field(
         default=True, description="Fit temperature scaling on validation (scores calibrated)."
     )
-    calibration_form: Literal["temperature", "temperature+bias", "auto"] = Field(
+    calibration_form: Literal["temperature", "temperature+bias", "temperature+balanced-bias",
+                              "auto"] = Field(
         default="temperature",
         description="temperature: one temperature (validation's prevalence stays out of the "
         "scores); temperature+bias: a bias per class/label too, for validation drawn like the "
-        "data to score; auto: the bias where 2-fold cross-fitting on validation keeps it.",
+        "data to score; temperature+balanced-bias: that bias fitted with the classes weighted "
+        "equally (a shift of the model's is undone, validation's prevalence stays out); auto: "
+        "the plain bias where 2-fold cross-fitting on validation keeps it.",
     )
     operating_point: str = Field(
         default="youden",

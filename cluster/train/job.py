@@ -255,9 +255,10 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
                                        *card.ethical_considerations]
     cal = card.calibration
     if cal:
-        log.info("calibration on %s: temperature %s; validation ECE %s before, %s after",
-                 cal["fitted_on"], _rounded(cal["temperature"]), _rounded(cal["ece_before"]),
-                 _rounded(cal["ece_after"]))
+        log.info("calibration on %s: temperature %s, bias %s (%s); validation ECE %s before, "
+                 "%s after", cal["fitted_on"], _rounded(cal["temperature"]),
+                 _rounded(cal.get("bias") or {}), cal.get("asked", "temperature"),
+                 _rounded(cal["ece_before"]), _rounded(cal["ece_after"]))
     for point in card.operating_points:
         log.info("operating point %s %s: threshold %.4g (%s sensitivity %s, specificity %s)",
                  point["label"], point["rule"], point["threshold"], point["chosen_on"],

@@ -109,6 +109,48 @@ def test_sigmoid_temperature_and_bias_are_recovered_and_chosen(t_true, b_true):
     assert held[calibration.WITH_BIAS] < held[calibration.TEMPERATURE]
 
 
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+@pytest.mark.parametrize("multi_label", [True, False])
+def test_balanced_bias_is_the_fit_at_equal_class_priors(multi_label):
+    """Validation that keeps every positive and 30% of the negatives of a population where
+    y ~ sigmoid(z / T + b): fitted as it is, the bias takes in the sampling (b + log(1 / 0.3));
+    with the classes weighted equally, the fit is the population's at equal priors, b less the
+    population's log-odds, whatever share of each class validation kept."""
+    raw, y = _sigmoid_data(3, 1.6, 0.7, n=60_000)
+    prevalence = y.mean()
+    keep = (y == 1) | (np.random.default_rng(4).random(len(y)) < 0.3)
+    raw, y = raw[keep], y[keep]
+    scores = raw[:, None] if multi_label else np.stack([1 - raw, raw], axis=1)
+    targets = y[:, None] if multi_label else np.stack([1 - y, y], axis=1)
+    labels = ["x"] if multi_label else ["no", "x"]
+    plain = calibration.fit_forms(scores, targets, labels, multi_label, calibration.WITH_BIAS)
+    balanced = calibration.fit_forms(scores, targets, labels, multi_label, calibration.BALANCED)
+    assert plain["bias"]["x"] == pytest.approx(0.7 + np.log(1 / 0.3), abs=0.08)
+    assert balanced["form"]["x"] == calibration.BALANCED
+    assert balanced["temperature"]["x"] == pytest.approx(1.6, rel=0.05)
+    assert balanced["bias"]["x"] == pytest.approx(0.7 - _logit(prevalence), abs=0.08)
+    card, after = calibration.calibrate(scores, targets, labels, multi_label, "val",
+                                        calibration.BALANCED)
+    assert card["asked"] == calibration.BALANCED
+    assert card["bias"]["x"] == pytest.approx(balanced["bias"]["x"])
+    # at equal priors: the mean score of each class, weighted equally, is one half
+    col = after[:, -1]
+    assert (col[y == 1].mean() + col[y == 0].mean()) / 2 == pytest.approx(0.5, abs=0.02)
+    assert calibration.describe(card) == "temperature scaling with a class-balanced bias"
+
+
+def test_balanced_weights_give_each_class_present_the_same_total():
+    t = np.eye(3)[[0, 0, 0, 1, 2, 2]]
+    w = calibration.balanced_weights(t)
+    assert w.mean() == pytest.approx(1.0)
+    assert [w[t[:, c] == 1].sum() for c in range(3)] == pytest.approx([2.0, 2.0, 2.0])
+    w2 = calibration.balanced_weights(np.eye(3)[[0, 0, 1]])  # a class absent: two share it all
+    assert list(w2) == pytest.approx([0.75, 0.75, 1.5])
+
+
 def test_softmax_temperature_and_class_biases_are_recovered():
     rng = np.random.default_rng(1)
     z = rng.normal(scale=2.0, size=(20_000, 3))

@@ -70,6 +70,19 @@ def test_a_trained_card_validates_against_the_schema():
     assert any(x.startswith(mc.NOT_MEASURED) for x in card["limitations"])
 
 
+def test_a_class_balanced_card_validates_and_leaves_validation_prevalence_out():
+    """Validation at 70% positives, fitted with both classes weighted equally: the bias is
+    smaller than the plain fit's, which takes in the 70%."""
+    found = _validation(form=calibration.BALANCED)
+    cal = found["calibration"]
+    assert cal["asked"] == calibration.BALANCED
+    assert set(cal["form"].values()) == {calibration.BALANCED}
+    plain = _validation(form=calibration.WITH_BIAS)["calibration"]
+    assert cal["bias"]["normal"] == 0.0
+    assert cal["bias"]["pneumonia"] < plain["bias"]["pneumonia"]
+    jsonschema.validate({**_trained_card().to_dict(), "calibration": cal}, mc.SCHEMA)
+
+
 def test_a_default_card_holds_the_temperature_alone_and_validates():
     found = _validation(form=calibration.TEMPERATURE)
     cal = found["calibration"]
