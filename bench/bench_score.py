@@ -117,14 +117,19 @@ class ProcSampler(threading.Thread):
         self.first = True
         self.t0 = time.monotonic()
         self.driver_series: list[tuple[float, int]] = []  # (s since start, driver heap kB)
+        self.peak_by: dict[str, int] = {}  # PSS kB by kind of process at the total's peak
 
     def sample(self) -> None:
         table = proc_table()
         roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
         roots |= {p for p in self.extra if p in table}
         driver = driver_anon = total = 0
+        by: dict[str, int] = {}
         for pid in family(table, roots):
-            total += smaps_kb(pid, "Pss")
+            pss = smaps_kb(pid, "Pss")
+            total += pss
+            kind = _kind(table[pid][1] or self.cmds.get(pid, ""))
+            by[kind] = by.get(kind, 0) + pss
             if "medray.jobs.entry" in table[pid][1]:
                 driver += smaps_kb(pid, "Rss")
                 driver_anon += smaps_kb(pid, "Pss_Anon")
@@ -139,7 +144,8 @@ class ProcSampler(threading.Thread):
         self.peak_driver_anon = max(self.peak_driver_anon, driver_anon)
         if driver_anon:
             self.driver_series.append((time.monotonic() - self.t0, driver_anon))
-        self.peak_total = max(self.peak_total, total)
+        if total > self.peak_total:
+            self.peak_total, self.peak_by = total, by
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
@@ -164,6 +170,7 @@ class ProcSampler(threading.Thread):
                 "driver_heap_series": [(round(t, 1), round(kb / 1024))
                                        for t, kb in self.driver_series[::8]],
                 "total_mb": self.peak_total / 1024,
+                "total_by_mb": {k: round(v / 1024) for k, v in sorted(self.peak_by.items())},
                 "cpu_s": sum(v for k, v in by.items() if k != "ray daemons"),
                 "daemon_cpu_s": by.get("ray daemons", 0.0),
                 "cpu_by": {k: round(v, 1) for k, v in sorted(by.items())}}
@@ -478,8 +485,15 @@ def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: 
         f"{s['driver_mb']:.0f} -> {big['driver_mb']:.0f} MB), all {s['total_mb']:.0f} -> "
         f"{big['total_mb']:.0f} MB | | {ok(flat)} |",
         "",
+        "All processes' PSS at its peak, by kind of process (MB): "
+        f"{s['images']} images {_by_kind(s)}; {big['images']} images {_by_kind(big)}.",
+        "",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _by_kind(run: dict[str, Any]) -> str:
+    return ", ".join(f"{kind} {mb}" for kind, mb in run.get("total_by_mb", {}).items())
 
 
 def main() -> None:
