@@ -110,7 +110,7 @@ class ProcSampler(threading.Thread):
         self.temp_dir, self.every = temp_dir, every_s
         self.extra: list[int] = []
         self.stop_flag = threading.Event()
-        self.peak_driver = self.peak_driver_anon = self.peak_total = 0
+        self.peak_driver = self.peak_driver_heap = self.peak_total = 0
         self.base: dict[int, int] = {}
         self.last: dict[int, int] = {}
         self.cmds: dict[int, str] = {}
@@ -123,7 +123,7 @@ class ProcSampler(threading.Thread):
         table = proc_table()
         roots = {pid for pid, (_, cmd, _) in table.items() if self.temp_dir in cmd}
         roots |= {p for p in self.extra if p in table}
-        driver = driver_anon = total = 0
+        driver = driver_heap = total = 0
         by: dict[str, int] = {}
         for pid in family(table, roots):
             pss = smaps_kb(pid, "Pss")
@@ -132,7 +132,7 @@ class ProcSampler(threading.Thread):
             by[kind] = by.get(kind, 0) + pss
             if "medray.jobs.entry" in table[pid][1]:
                 driver += smaps_kb(pid, "Rss")
-                driver_anon += smaps_kb(pid, "Pss_Anon")
+                driver_heap += smaps_kb(pid, "Pss_Anon")
             ticks = table[pid][2]
             # processes already there when sampling began count from then, new ones from 0
             self.base.setdefault(pid, ticks if self.first else 0)
@@ -141,9 +141,9 @@ class ProcSampler(threading.Thread):
                 self.cmds[pid] = table[pid][1]
         self.first = False
         self.peak_driver = max(self.peak_driver, driver)
-        self.peak_driver_anon = max(self.peak_driver_anon, driver_anon)
-        if driver_anon:
-            self.driver_series.append((time.monotonic() - self.t0, driver_anon))
+        self.peak_driver_heap = max(self.peak_driver_heap, driver_heap)
+        if driver_heap:
+            self.driver_series.append((time.monotonic() - self.t0, driver_heap))
         if total > self.peak_total:
             self.peak_total, self.peak_by = total, by
 
@@ -161,7 +161,7 @@ class ProcSampler(threading.Thread):
             by[kind] = by.get(kind, 0.0) + (ticks - self.base[pid]) / TICK
         heap = [kb for _, kb in self.driver_series]
         return {"driver_mb": self.peak_driver / 1024,
-                "driver_heap_mb": self.peak_driver_anon / 1024,
+                "driver_heap_mb": self.peak_driver_heap / 1024,
                 # the heap's level over the second half of the job: it grows with the images
                 # if something is kept per image; a peak is one sample of a passing spike
                 "driver_heap_late_mb": float(np.median(heap[len(heap) // 2:])) / 1024
