@@ -19,11 +19,23 @@ def _task(kind: str, node: str | None, start: int, end: int | None, actor: str =
                            required_resources=res or {})
 
 
-@pytest.fixture
-def restarted_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+def _cluster_reports(monkeypatch: pytest.MonkeyPatch, tasks: list[SimpleNamespace],
+                     actors: list[tuple[str, str, str]]) -> None:
+    """Ray's state API answers with ``tasks`` and ``actors`` (actor id, node, class) for a job
+    on nodes n1 (gpu_spot) and n2 (gpu_ondemand)."""
     import ray
     import ray.util.state as state
 
+    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
+    monkeypatch.setattr(state, "list_actors", lambda **_: [
+        SimpleNamespace(actor_id=a, node_id=n, repr_name="", class_name=c) for a, n, c in actors])
+    monkeypatch.setattr(ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
+    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+
+
+@pytest.fixture
+def restarted_actor(monkeypatch: pytest.MonkeyPatch) -> None:
     tasks = [
         # created at t=0 asking 1 CPU + 1 GPU, calls on node n1 until it was lost at t=40 s ...
         _task("ACTOR_CREATION_TASK", None, 0, 5_000, res={"CPU": 1.0, "GPU": 1.0}),
@@ -32,12 +44,7 @@ def restarted_actor(monkeypatch: pytest.MonkeyPatch) -> None:
         # ... then restarted on n2, calls from t=60 s to t=90 s
         _task("ACTOR_TASK", "n2", 60_000, 90_000),
     ]
-    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
-    monkeypatch.setattr(state, "list_actors", lambda **_: [SimpleNamespace(
-        actor_id="a1", node_id="n2", repr_name="", class_name="MapWorker")])
-    monkeypatch.setattr(ray, "get_runtime_context",
-                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
-    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    _cluster_reports(monkeypatch, tasks, [("a1", "n2", "MapWorker")])
 
 
 def test_lost_node_keeps_its_time_under_its_type(restarted_actor: None) -> None:
@@ -70,9 +77,6 @@ def test_placement_group_resources_count_as_the_plain_ones() -> None:
 
 def test_a_train_worker_lost_with_its_node_keeps_its_gpu_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
-    import ray.util.state as state
-
     def worker(actor: str, kind: str, node: str | None, start: int, end: int | None,
                res: dict | None = None) -> SimpleNamespace:
         task = _task(kind, node, start, end, actor=actor, res=res)
@@ -91,13 +95,8 @@ def test_a_train_worker_lost_with_its_node_keeps_its_gpu_time(
         worker("w2", "ACTOR_TASK", "n2", 41_000, 70_000),
     ]
     tasks[3].start_time_ms = None
-    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
-    monkeypatch.setattr(state, "list_actors", lambda **_: [
-        SimpleNamespace(actor_id="w1", node_id="n1", repr_name="", class_name="RayTrainWorker"),
-        SimpleNamespace(actor_id="w2", node_id="n2", repr_name="", class_name="RayTrainWorker")])
-    monkeypatch.setattr(ray, "get_runtime_context",
-                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
-    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    _cluster_reports(monkeypatch, tasks, [("w1", "n1", "RayTrainWorker"),
+                                          ("w2", "n2", "RayTrainWorker")])
     usage = costs.job_usage(80.0, settle_tries=0)
     assert usage["by_node"]["n1"] == {"node_type": "gpu_spot", "cpu_seconds": 30.0,
                                       "gpu_seconds": 30.0}
@@ -114,9 +113,6 @@ def test_an_actor_lost_before_its_worker_reported_keeps_its_time(
     """Workers report their calls about once a second: a node lost sooner leaves only the calls'
     failures, which the owner reports with the node and an end time but no start (the events
     a real lost node left, probed on Ray 2.60)."""
-    import ray
-    import ray.util.state as state
-
     tasks = [
         _task("ACTOR_CREATION_TASK", None, 0, 1_000, res={"CPU": 1.0, "GPU": 1.0}),
         # on n1 nothing but failures: the call in progress and its retries until the restart
@@ -126,12 +122,7 @@ def test_an_actor_lost_before_its_worker_reported_keeps_its_time(
         _task("ACTOR_TASK", "n2", 5_000, 9_000),
     ]
     tasks[1].start_time_ms = tasks[2].start_time_ms = None
-    monkeypatch.setattr(state, "list_tasks", lambda **_: tasks)
-    monkeypatch.setattr(state, "list_actors", lambda **_: [SimpleNamespace(
-        actor_id="a1", node_id="n2", repr_name="", class_name="MapWorker")])
-    monkeypatch.setattr(ray, "get_runtime_context",
-                        lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
-    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    _cluster_reports(monkeypatch, tasks, [("a1", "n2", "MapWorker")])
     usage = costs.job_usage(10.0, settle_tries=0)
     assert usage["by_node"]["n1"] == {"node_type": "gpu_spot", "cpu_seconds": 2.6,
                                       "gpu_seconds": 2.6}
