@@ -52,10 +52,10 @@ from medray.workers import metrics
 from medray.workers.errors import InputError
 
 METHOD = "temperature scaling (Guo et al. 2017)"
-# the forms a card may hold
 TEMPERATURE, WITH_BIAS, BALANCED = "temperature", "temperature+bias", "temperature+balanced-bias"
+CARD_FORMS = (TEMPERATURE, WITH_BIAS, BALANCED)  # the forms a card may hold
 AUTO = "auto"  # a request, not a form: the form chosen by cross-fitting
-FORMS = (TEMPERATURE, WITH_BIAS, BALANCED, AUTO)  # what --calibration-form accepts
+FORMS = (*CARD_FORMS, AUTO)  # what --calibration-form accepts
 BIASED = (WITH_BIAS, BALANCED)  # the forms with a bias
 SELECTION = {  # the rule that gave each label its form, in words, by what was asked
     TEMPERATURE: "asked for: temperature alone",

@@ -17,6 +17,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from medray.workers.calibration import CARD_FORMS
+from medray.workers.calibration import FORMS as CALIBRATION_FORMS
 from medray.workers.jsonsafe import json_safe
 
 FORMAT = 2  # bump when a field changes meaning; readers accept cards without the new fields
@@ -211,11 +213,9 @@ SCHEMA: dict[str, Any] = {
                                                          "exclusiveMinimum": 0}},
                 # optional: cards written before the bias existed hold temperatures alone
                 "bias": {"type": "object", "additionalProperties": {"type": "number"}},
-                "form": {"type": "object", "additionalProperties": {
-                    "enum": ["temperature", "temperature+bias",
-                             "temperature+balanced-bias"]}},
-                "asked": {"enum": ["temperature", "temperature+bias", "temperature+balanced-bias",
-                                   "auto"]},
+                "form": {"type": "object",
+                         "additionalProperties": {"enum": list(CARD_FORMS)}},
+                "asked": {"enum": list(CALIBRATION_FORMS)},
                 "selection": {"type": "string"},
                 "heldout_nll": {"type": "object", "additionalProperties": {
                     "type": "object", "additionalProperties": {"type": "number"}}},

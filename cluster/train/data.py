@@ -169,7 +169,7 @@ class SplitRows:
         try:
             self._batches.extend(reader({"path": paths}, lake_uri, split, labels, multi_label,
                                       keys=True))
-        except BaseException as exc:  # noqa: BLE001 - raised again by parts(), in the caller
+        except BaseException as exc:  # noqa: BLE001 - raised again by batches(), in the caller
             self._error = exc
 
     def batches(self) -> list[Batch]:

@@ -271,6 +271,16 @@ def test_an_unknown_calibration_form_is_refused():
         calibration.fit_forms(np.full((4, 1), 0.5), np.ones((4, 1)), ["x"], True, "platt")
 
 
+def test_the_train_spec_offers_every_form_and_only_those():
+    import typing
+
+    from medray.workers.specs import TrainSpec
+
+    offered = typing.get_args(TrainSpec.model_fields["calibration_form"].annotation)
+    assert set(offered) == set(calibration.FORMS)
+    assert TrainSpec.model_fields["calibration_form"].default == calibration.TEMPERATURE
+
+
 # ------------------------------------------------------------------------------ ECE
 def _ece_direct(y: np.ndarray, s: np.ndarray, bins: int = 10) -> float:
     """ECE the textbook way: loop over bins [k/B, (k+1)/B), the last one closed."""
