@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import family, proc_table, smaps_kb, write_section
+from benchlib import family, proc_table, smaps, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -126,13 +126,14 @@ class ProcSampler(threading.Thread):
         driver = driver_heap = total = 0
         by: dict[str, int] = {}
         for pid in family(table, roots):
-            pss = smaps_kb(pid, "Pss")
+            mem = smaps(pid)
+            pss = mem.get("Pss", 0)
             total += pss
             kind = _kind(table[pid][1] or self.cmds.get(pid, ""))
             by[kind] = by.get(kind, 0) + pss
             if "medray.jobs.entry" in table[pid][1]:
-                driver += smaps_kb(pid, "Rss")
-                driver_heap += smaps_kb(pid, "Pss_Anon")
+                driver += mem.get("Rss", 0)
+                driver_heap += mem.get("Pss_Anon", 0)
             ticks = table[pid][2]
             # processes already there when sampling began count from then, new ones from 0
             self.base.setdefault(pid, ticks if self.first else 0)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import family, proc_table, smaps_kb, write_section
+from benchlib import family, proc_table, smaps, write_section
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,13 +186,13 @@ class MemorySampler(threading.Thread):
                 # a process born after the first sample used all its CPU during the run
                 self.cpu_first.setdefault(pid, ticks if first else 0)
                 self.cpu_last[pid] = ticks
-                pss = smaps_kb(pid, "Pss")
+                mem = smaps(pid)
+                pss = mem.get("Pss", 0)
                 total += pss
                 cmd = table[pid][1]
                 if "medray.jobs.entry" in cmd:
                     driver += pss
-                    self.peak_driver_anon = max(self.peak_driver_anon,
-                                                smaps_kb(pid, "Pss_Anon"))
+                    self.peak_driver_anon = max(self.peak_driver_anon, mem.get("Pss_Anon", 0))
                     self.role[pid] = "driver"
                 elif "MapWorker" in cmd or "BatchDecoder" in cmd:
                     decoders += pss

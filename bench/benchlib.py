@@ -66,14 +66,14 @@ def family(table: dict[int, tuple[int, str, int]], roots: set[int]) -> set[int]:
     return found
 
 
-def smaps_kb(pid: int, field: str) -> int:
-    """A field of /proc/PID/smaps_rollup ("Pss", "Rss") in kB; 0 once the process is gone."""
+def smaps(pid: int) -> dict[str, int]:
+    """Every kB field of /proc/PID/smaps_rollup ("Pss", "Rss", "Pss_Anon"...); {} once the
+    process is gone. One read: the kernel walks the process's page tables for each."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        return 0
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
-    return int(match.group(1)) if match else 0
+        return {}
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+):\s+(\d+) kB", text, re.M)}
 
 
 def write_section(title: str, text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
