@@ -68,7 +68,11 @@ VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
     ("crop 0.25, rotation 0.08, brightness 0.3", {},
      {"augment": "crop=0.25,rotation=0.08,brightness=0.3"}),
     ("crop 0.25, rotation 0.02, brightness 0.3", {},
-     {"augment": "crop=0.25,rotation=0.02,brightness=0.3"}))
+     {"augment": "crop=0.25,rotation=0.02,brightness=0.3"}),
+    ("crop 0.05, rotation 0.02, brightness 0.3", {},
+     {"augment": "crop=0.05,rotation=0.02,brightness=0.3"}),
+    ("crop 0.25, rotation 0.02, brightness 0.1", {},
+     {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}))
 VARIANTS_ONLY: list[str] = []  # --variants: a subset of VARIANTS by name
 # folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE
@@ -117,7 +121,8 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
         if spec.class_weights == "auto" else (None, None)
     plan = tr.plan_batches(len(d["train_y"]), spec.batch_size, 1, tr.local_replicas(strategy))
     with strategy.scope():
-        shape = {"augment": spec.augment, **(build or {})}  # --augment as text, too
+        shape = {"augment": spec.augment_recipe if spec.augment else None,
+                 **(build or {})}  # a recipe as text, too
         shape["augment"] = parse_augment(shape["augment"])
         model = build_model(spec.arch, size, 1, 2, False, seed=seed, **shape)
         opt = keras.optimizers.Adam(learning_rate=spec.learning_rate)
@@ -210,18 +215,25 @@ def part_defect(out: dict[str, Any], save: Any) -> None:
         save()
 
 
-def part_variants(out: dict[str, Any], seeds: list[int], save: Any) -> None:
-    """The defaults and the variants tried, in-process at 28 px, each over ``seeds``."""
-    d = resized(28)
+def variants_key(size: int) -> str:
+    """Where a size's variants are kept in the results: 28 px (PneumoniaMNIST as it is) under
+    ``variants``, as before other sizes were measured; others under ``variants@SIZE``."""
+    return "variants" if size == 28 else f"variants@{size}"
+
+
+def part_variants(out: dict[str, Any], seeds: list[int], save: Any, size: int = 28) -> None:
+    """The defaults and the variants tried, in-process at ``size`` px (PneumoniaMNIST resized
+    as the defect part does), each over ``seeds``."""
+    d = resized(size)
     for name, flags, build in VARIANTS:
         if VARIANTS_ONLY and name not in VARIANTS_ONLY:
             continue
-        runs = out.setdefault("variants", {}).setdefault(name, [])
+        runs = out.setdefault(variants_key(size), {}).setdefault(name, [])
         for seed in seeds:
             if any(r["seed"] == seed for r in runs):
                 continue
             started = time.perf_counter()
-            rows, model = train_in_process(d, 28, True, seed, build, **flags)
+            rows, model = train_in_process(d, size, True, seed, build, **flags)
             runs.append({"seed": seed, "seconds": time.perf_counter() - started,
                          "epochs_run": len(rows), **test_numbers(model, d)})
             save()
@@ -414,6 +426,35 @@ def _spread(values: list[float]) -> str:
     return f"{np.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def _variants_table(args: argparse.Namespace, variants: dict[str, list[dict[str, Any]]],
+                   size: int) -> list[str]:
+    lines = ["Defaults and variants tried (in-process, medray's training loop with the fix, "
+             "early stopping, calibration and the Youden point on validation; seeds "
+             f"{args.seeds}; PneumoniaMNIST {size} px"
+             f"{', resized from 28 px' if size != 28 else ''}, test split); median (min-max) "
+             "over seeds. Calibration as training fits it by default (`--calibration-form "
+             f"{_default_form()}`), and, for the same models, the class-balanced bias "
+             "(`--calibration-form temperature+balanced-bias`; for two classes every form "
+             "is monotone in the raw score, so sensitivity and specificity are the "
+             "same):", "",
+             "| settings | test AUROC | test ECE raw | val ECE calibrated | test ECE "
+             "calibrated | sensitivity | specificity | mean calibrated score (test "
+             "prevalence 0.625) | balanced bias: val ECE | balanced bias: test ECE | "
+             "s per run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in variants.items():
+        def col(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            values = [r[key] for r in runs if key in r]
+            return _spread(values) if values else "-"
+        lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {col('val_ece')} | "
+                    f"{col('ece')} | {col('sensitivity')} | {col('specificity')} | "
+                    f"{col('mean_score')} | {col('val_ece_balanced')} | "
+                    f"{col('ece_balanced')} | "
+                    f"{np.median([r['seconds'] for r in runs]):.0f} |")
+    lines.append("")
+    return lines
+
+
 def report(args: argparse.Namespace, out: dict[str, Any], failed: dict[str, str],
            load: list[float]) -> str:
     cmd = ".venv/bin/python bench/bench_quality.py" + (
@@ -449,31 +490,9 @@ def report(args: argparse.Namespace, out: dict[str, Any], failed: dict[str, str]
                       "epoch's last 1,024 training images before validating. Validation loss "
                       "is the class-weighted loss the loop logs:", "",
                       *_epochs_table(d["before"], d["after"]), ""]
-    variants = out.get("variants")
-    if variants:
-        lines += ["Defaults and variants tried (in-process, medray's training loop with the fix, "
-                  "early stopping, calibration and the Youden point on validation; seeds "
-                  f"{args.seeds}; PneumoniaMNIST 28 px, test split); median (min-max) over "
-                  "seeds. Calibration as training fits it by default (`--calibration-form "
-                  f"{_default_form()}`), and, for the same models, the class-balanced bias "
-                  "(`--calibration-form temperature+balanced-bias`; for two classes every form "
-                  "is monotone in the raw score, so sensitivity and specificity are the "
-                  "same):", "",
-                  "| settings | test AUROC | test ECE raw | val ECE calibrated | test ECE "
-                  "calibrated | sensitivity | specificity | mean calibrated score (test "
-                  "prevalence 0.625) | balanced bias: val ECE | balanced bias: test ECE | "
-                  "s per run |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, runs in variants.items():
-            def col(key: str, runs: list[dict[str, Any]] = runs) -> str:
-                values = [r[key] for r in runs if key in r]
-                return _spread(values) if values else "-"
-            lines.append(f"| {name} | {col('auroc')} | {col('ece_raw')} | {col('val_ece')} | "
-                         f"{col('ece')} | {col('sensitivity')} | {col('specificity')} | "
-                         f"{col('mean_score')} | {col('val_ece_balanced')} | "
-                         f"{col('ece_balanced')} | "
-                         f"{np.median([r['seconds'] for r in runs]):.0f} |")
-        lines.append("")
+    for size in sorted(int(k.partition("@")[2] or 28) for k in out
+                       if k.startswith("variants")):
+        lines += _variants_table(args, out[variants_key(size)], size)
     seeds = out.get("seeds")
     if seeds:
         rows = list(seeds.values())
@@ -547,6 +566,8 @@ def main() -> None:
                         "(e.g. defaults@128); default all")
     parser.add_argument("--variants", default="",
                         help="only these in-process variants, by name, ';'-separated")
+    parser.add_argument("--variant-size", type=int, default=28,
+                        help="px of the in-process variants (PneumoniaMNIST resized)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--results", type=Path, default=None,
                         help="JSON file of earlier parts' results: merged, then rewritten (run "
@@ -583,7 +604,7 @@ def main() -> None:
             part_defect(out, save)
         if "variants" in parts:
             load.append(os.getloadavg()[0])
-            part_variants(out, seeds, save)
+            part_variants(out, seeds, save, args.variant_size)
         if {"seeds", "xray"} & set(parts):
             ray_local.up(num_cpus=args.cpus, dashboard_port=None)
         for part in ("seeds", "xray"):

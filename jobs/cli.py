@@ -179,6 +179,7 @@ def train(
     weights: str = spec_option(TrainSpec, "weights"),
     mode: str = spec_option(TrainSpec, "mode"),
     augment: bool = spec_option(TrainSpec, "augment"),
+    augment_recipe: str = spec_option(TrainSpec, "augment_recipe"),
     class_weights: str = spec_option(TrainSpec, "class_weights"),
     patience: int = spec_option(TrainSpec, "patience"),
     resume: bool = spec_option(TrainSpec, "resume"),

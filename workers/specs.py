@@ -204,9 +204,16 @@ class TrainSpec(JobSpec):
     mode: Literal["full", "head"] = Field(default="full", description="full|head")
     augment: bool | None = Field(
         default=None, json_schema_extra={"default_shown": "on in full mode, off in head mode"},
-        description="Training-time augmentation: small random crops, rotations and brightness "
-        "changes (unset: on in full mode; off in head mode, which trains on cached backbone "
-        "features).",
+        description="Training-time augmentation: random crops, rotations and brightness "
+        "changes, as --augment-recipe says (unset: on in full mode, or where a recipe is given; "
+        "off in head mode, which trains on cached backbone features).",
+    )
+    augment_recipe: str = Field(
+        default="light",
+        description="What --augment does: light (small crops, rotations and brightness "
+        "changes), strong (crop 0.25, rotation 0.08, brightness 0.3: for small images, with "
+        "--calibration-form temperature+balanced-bias), or a list such as "
+        "crop=0.25,rotation=0.02 (only the transforms named).",
     )
     class_weights: Literal["auto", "none"] = Field(default="auto", description="auto|none")
     patience: int = Field(default=4, ge=1, description="Early-stopping patience in epochs.")
@@ -255,8 +262,29 @@ class TrainSpec(JobSpec):
         """Unset --augment is decided here, so that every record of the spec (the training's
         spec file, resume checks, the card's hyperparameters) holds what was used."""
         if isinstance(data, dict) and data.get("augment") is None:
-            data = {**data, "augment": data.get("mode", "full") != "head"}
+            recipe = str(data.get("augment_recipe") or "light").strip().lower()
+            data = {**data, "augment": data.get("mode", "full") != "head"
+                    or recipe not in ("light", "default")}
         return data
+
+    @field_validator("augment_recipe")
+    @classmethod
+    def _augment_recipe(cls, v: str) -> str:
+        """One spelling per recipe (a preset's name, or the list written out in full), so that
+        resume checks compare recipes, not how they were typed."""
+        from medray.workers.models import canonical_augment
+
+        try:
+            return canonical_augment(v)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _recipe_needs_augment(self) -> TrainSpec:
+        if not self.augment and self.augment_recipe != "light":
+            raise ValueError(f"--augment-recipe {self.augment_recipe} with --no-augment: give "
+                             "one of them")
+        return self
 
     @field_validator("operating_point")
     @classmethod

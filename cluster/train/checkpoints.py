@@ -26,8 +26,11 @@ from medray.workers.specs import TrainSpec
 
 # what makes a resumed training another model; anything else (epochs, patience, learning rate,
 # workers, batch size...) may change and is listed in the card
-MUST_MATCH = ("arch", "mode", "weights", "augment", "dataset_version", "labels")
+MUST_MATCH = ("arch", "mode", "weights", "augment", "augment_recipe", "dataset_version",
+              "labels")
 _NOT_SETTINGS = {"resume", "run_id", "lake", "dataset_version", "labels"}
+# what a spec record from before a field existed meant by leaving it out
+_BEFORE_THE_FIELD = {"augment_recipe": "light"}
 
 
 # ------------------------------------------------------------------------- training id, resume
@@ -78,6 +81,7 @@ def choose_training(lake: Lake, spec: TrainSpec, job_id: str) -> tuple[str, bool
 def check_resume(saved: dict[str, Any], now: dict[str, Any], train_id: str) -> list[str]:
     """The settings a resumed training changes (sorted); ConfigError when the change would make
     it another model. Both sides are spec records as ``DatasetFacts.describe`` writes them."""
+    saved, now = {**_BEFORE_THE_FIELD, **saved}, {**_BEFORE_THE_FIELD, **now}
     clash = [k for k in MUST_MATCH if saved.get(k) != now.get(k)]
     if clash:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in clash)

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_S = 0.5
 # the spec fields a model card lists as its hyperparameters
 _HYPERPARAMETERS = {"epochs", "batch_size", "learning_rate", "workers", "cpus_per_worker",
-                    "gpus_per_worker", "mode", "augment", "class_weights", "seed", "patience"}
+                    "gpus_per_worker", "mode", "augment", "augment_recipe", "class_weights",
+                    "seed", "patience"}
 
 
 def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:

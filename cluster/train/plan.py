@@ -75,4 +75,4 @@ class TrainPlan:
 
     @property
     def augment(self) -> Augment | None:
-        return parse_augment(self.spec.augment)
+        return parse_augment(self.spec.augment_recipe) if self.spec.augment else None

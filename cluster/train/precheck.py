@@ -19,7 +19,7 @@ from medray.cluster.store.lake import Lake, source_filesystem
 from medray.cluster.train import checkpoints
 from medray.cluster.train.weights import imagenet_reachable, resolve_weights
 from medray.workers.errors import ConfigError, InputError
-from medray.workers.models import BACKBONES, check_arch, parse_augment
+from medray.workers.models import BACKBONES, check_arch
 from medray.workers.operating_points import check_labels, parse
 from medray.workers.specs import TrainSpec
 
@@ -33,7 +33,6 @@ def check(spec: TrainSpec, lake: Lake, check_network: bool = True) -> None:
     """ConfigError or InputError, each naming the fix, for what can be known without running."""
     _, _, manifest = catalog.resolve(lake, spec.dataset)
     check_arch(spec.arch, int(manifest["image_size"]))
-    parse_augment(spec.augment)
     if not manifest.get("labels"):
         raise ConfigError(f"dataset {spec.dataset} has no labels to train on")
     if spec.weights == "imagenet" and spec.arch not in BACKBONES:

@@ -368,6 +368,7 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     # scores); BatchNorm's agreement is measured on the plain images, below them
     assert {"aug_crop", "aug_rotate", "aug_brightness"} <= {ly.name for ly in model.layers}
     assert card["hyperparameters"]["augment"] is True
+    assert card["hyperparameters"]["augment_recipe"] == "light"
     last_aug = [ly for ly in model.layers if ly.name.startswith("aug_")][-1]
     feats = keras.Model(last_aug.output, model.get_layer("features").output)
     trained = np.asarray(feats(x_train, training=True))

@@ -156,6 +156,16 @@ def test_augmentation_left_unset_follows_the_mode(submitted):
         assert TrainSpec(**submitted[0][1]).augment is expected, args
 
 
+def test_an_augmentation_recipe_reaches_the_spec(submitted):
+    result = CliRunner().invoke(cli.app, ["train", "-d", "ds", "-m", "m", "--mode", "head",
+                                          "--augment-recipe", "strong"])
+    assert result.exit_code == 0, result.output
+    assert submitted == [("train", {"dataset": "ds", "model": "m", "mode": "head",
+                                    "augment_recipe": "strong"})]
+    spec = TrainSpec(**submitted[0][1])
+    assert (spec.augment, spec.augment_recipe) == (True, "strong")
+
+
 def test_train_summary_names_the_calibration_in_words(monkeypatch):
     result = {"model": "m", "version": 2, "training_id": "t", "metrics": {},
               "val_ece_before": 0.08, "val_ece_after": 0.05, "uri": "file:///lake/models/m/2",

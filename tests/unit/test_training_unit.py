@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -432,6 +433,11 @@ def test_resume_must_be_the_same_model_but_may_change_schedules():
         check_resume(saved, {**saved, "arch": "densenet121"}, "t")
     with pytest.raises(ConfigError, match="dataset_version"):
         check_resume(saved, {**saved, "dataset_version": 2}, "t")
+    # a record from before --augment-recipe existed trained with the light preset
+    with_recipe = {**saved, "augment": True, "augment_recipe": "light"}
+    assert check_resume({**saved, "augment": True}, with_recipe, "t") == []
+    with pytest.raises(ConfigError, match="augment_recipe: 'light' -> 'strong'"):
+        check_resume({**saved, "augment": True}, {**with_recipe, "augment_recipe": "strong"}, "t")
 
 
 def test_weights_references_resolve_or_say_what_to_pass(tmp_path):
@@ -498,6 +504,7 @@ def test_the_plan_travels_whole_to_the_workers():
 
     from medray.cluster.train.plan import PLAN, DatasetFacts, TrainPlan
     from medray.cluster.train.weights import InitWeights, ModelShape
+    from medray.workers.models import PRESETS
     from medray.workers.specs import TrainSpec
 
     spec = TrainSpec(dataset="d:2", model="m", arch="mobilenet_v2", mode="head", seed=7)
@@ -513,6 +520,10 @@ def test_the_plan_travels_whole_to_the_workers():
     assert back.shape == ModelShape("mobilenet_v2", 32, 1, 2, True, 7)
     with pytest.raises(AttributeError):
         back.train_id = "other"
+    # the recipe is what the workers build their augmentation layers from
+    strong = replace(plan, spec=spec.model_copy(update={"augment": True,
+                                                        "augment_recipe": "strong"}))
+    assert strong.augment == PRESETS["strong"]
     # spec.json: every spec field, the dataset reference resolved, and the dataset's facts
     described = facts.describe(spec)
     assert described == {**spec.model_dump(), "dataset": "d", "dataset_version": 2,
