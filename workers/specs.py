@@ -262,9 +262,9 @@ class TrainSpec(JobSpec):
         """Unset --augment is decided here, so that every record of the spec (the training's
         spec file, resume checks, the card's hyperparameters) holds what was used."""
         if isinstance(data, dict) and data.get("augment") is None:
-            recipe = str(data.get("augment_recipe") or "light").strip().lower()
+            # a recipe given asks for augmentation, in head mode too
             data = {**data, "augment": data.get("mode", "full") != "head"
-                    or recipe not in ("light", "default")}
+                    or data.get("augment_recipe") is not None}
         return data
 
     @field_validator("augment_recipe")

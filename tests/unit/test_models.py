@@ -102,28 +102,6 @@ def test_parse_augment_forms():
     assert parse_augment(" Strong ") == Augment(crop=0.25, rotation=0.08, brightness=0.3)
 
 
-def test_a_train_spec_records_one_spelling_per_recipe_and_turns_augmentation_on_for_it():
-    from medray.workers.specs import TrainSpec
-
-    def spec(**kw: Any) -> TrainSpec:
-        return TrainSpec(dataset="d", model="m", **kw)
-
-    assert (spec().augment, spec().augment_recipe) == (True, "light")
-    # the preset written out, or by another name, is the preset
-    assert spec(augment_recipe="crop=0.05,rotation=0.02,brightness=0.1").augment_recipe == "light"
-    assert spec(augment_recipe="STRONG").augment_recipe == "strong"
-    assert spec(augment_recipe="rotate=0.05,crop=0.2").augment_recipe == \
-        "flip=false,crop=0.2,rotation=0.05,brightness=0"
-    # head mode trains without augmentation unless a recipe asks for it
-    assert spec(mode="head").augment is False
-    assert spec(mode="head", augment_recipe="strong").augment is True
-    with pytest.raises(ValueError, match="with --no-augment"):
-        spec(augment=False, augment_recipe="strong")
-    with pytest.raises(ValueError, match="use --no-augment"):
-        spec(augment_recipe="none")
-    with pytest.raises(ValueError, match="unknown transform or preset 'blur'"):
-        spec(augment_recipe="crop,blur")
-
 
 def test_augmentation_is_active_in_training_only():
     plain = build_model("small_cnn", 28, 1, 2, False, dropout=0.0, seed=1)

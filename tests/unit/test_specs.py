@@ -6,7 +6,7 @@ import pytest
 
 from medray.jobs.specfile import load_spec_file
 from medray.workers.errors import ConfigError
-from medray.workers.specs import ReportSpec, ScoreSpec, build_spec
+from medray.workers.specs import ReportSpec, ScoreSpec, TrainSpec, build_spec
 
 
 def test_defaults_fill_in():
@@ -32,6 +32,30 @@ def test_defaults_fill_in():
 def test_bad_values_are_config_errors(kind, values, needle):
     with pytest.raises(ConfigError, match=needle):
         build_spec(kind, values)
+
+
+def test_a_train_spec_records_one_spelling_per_recipe_and_turns_augmentation_on_for_it():
+    def spec(**values: object) -> TrainSpec:
+        built = build_spec("train", {"dataset": "d", "model": "m", **values})
+        assert isinstance(built, TrainSpec)
+        return built
+
+    assert (spec().augment, spec().augment_recipe) == (True, "light")
+    # the preset written out, or by another name, is the preset
+    assert spec(augment_recipe="crop=0.05,rotation=0.02,brightness=0.1").augment_recipe == "light"
+    assert spec(augment_recipe="STRONG").augment_recipe == "strong"
+    assert spec(augment_recipe="rotate=0.05,crop=0.2").augment_recipe == \
+        "flip=false,crop=0.2,rotation=0.05,brightness=0"
+    # head mode trains without augmentation unless a recipe is given
+    assert spec(mode="head").augment is False
+    assert spec(mode="head", augment_recipe="strong").augment is True
+    assert spec(mode="head", augment_recipe="light").augment is True
+    with pytest.raises(ConfigError, match="with --no-augment"):
+        spec(augment=False, augment_recipe="strong")
+    with pytest.raises(ConfigError, match="use --no-augment"):
+        spec(augment_recipe="none")
+    with pytest.raises(ConfigError, match="unknown transform or preset 'blur'"):
+        spec(augment_recipe="crop,blur")
 
 
 def test_spec_is_frozen():
