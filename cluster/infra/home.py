@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,39 @@ def medray_home() -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read; created 0600 before any byte lands in it."""
+    """Write a file only its owner can read; created 0600 before any byte lands in it. Among
+    concurrent writers the last one's text stays (each writes a temporary of its own)."""
+    os.replace(_private_temporary(path, text), path)
+
+
+def create_private_once(path: Path, text: str) -> str:
+    """Create ``path`` (0600) holding ``text`` unless it exists, and return what it holds: a
+    secret generated on first use (the de-identification salt, the cluster's token, the
+    embedded lake's keys) must be one value for every caller. Concurrent first uses, threads or
+    processes, each write a temporary of their own and hard-link it to ``path``; a link never
+    replaces a file, so the first one stays and every caller reads it."""
+    if not path.exists():
+        tmp = _private_temporary(path, text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another caller created it first: theirs is the value
+        finally:
+            tmp.unlink()
+    return path.read_text()
+
+
+def _private_temporary(path: Path, text: str) -> Path:
+    """``text`` in a new 0600 file beside ``path``, under a name no other writer uses, synced."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)  # whatever the umask left of the mode
+    return tmp
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -62,5 +88,6 @@ def deid_salt() -> bytes:
     if not path.exists():
         import secrets
 
-        write_private(path, secrets.token_hex(32))
+        # two first stagings at once must not salt with two values: one patient, one key
+        return create_private_once(path, secrets.token_hex(32)).strip().encode()
     return path.read_text().strip().encode()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medray.cluster.infra import env
-from medray.cluster.infra.home import medray_home, read_json, write_private
+from medray.cluster.infra.home import create_private_once, medray_home, read_json, write_private
 from medray.workers.errors import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def ray_dir() -> Path:
 def token_path() -> Path:
     path = _ray_dir() / "auth_token"
     if not path.exists():
-        write_private(path, secrets.token_hex(32))
+        create_private_once(path, secrets.token_hex(32))
     return path
 
 

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medray.cluster.infra.home import medray_home, pid_alive, read_json, write_private
+from medray.cluster.infra.home import (
+    create_private_once,
+    medray_home,
+    pid_alive,
+    read_json,
+    write_private,
+)
 from medray.workers.errors import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
@@ -90,11 +96,10 @@ def _credentials(lake_dir: Path) -> dict[str, str]:
     path = lake_dir / "credentials.json"
     creds = read_json(path)
     if not creds:
-        creds = {
+        creds = json.loads(create_private_once(path, json.dumps({
             "access_key": "MR" + secrets.token_hex(9).upper(),
             "secret_key": secrets.token_urlsafe(30),
-        }
-        write_private(path, json.dumps(creds))
+        })))
     return creds
 
 

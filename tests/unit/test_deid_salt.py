@@ -29,6 +29,47 @@ def test_the_generated_salt_is_32_random_bytes_in_a_0600_file(tmp_path, monkeypa
     assert home.deid_salt() == salt  # the same on every call: one patient, one key
 
 
+def test_first_uses_at_once_all_salt_with_the_one_value_that_stays(tmp_path, monkeypatch):
+    """Two stagings that are a home's first (threads of one driver, or two processes) each
+    find no salt and generate one: every caller must end with the value that stays in the
+    file, or one patient gets two keys. Each caller here generates its own value only after
+    all of them found the file missing, the race at its widest."""
+    import secrets
+    import threading
+
+    monkeypatch.setenv("MEDRAY_HOME", str(tmp_path))
+    monkeypatch.delenv("MEDRAY_DEID_SALT", raising=False)
+    monkeypatch.delenv("MEDRAY_DEID_SALT_FILE", raising=False)
+    callers = 6
+    all_looked = threading.Barrier(callers, timeout=30)
+    token_hex = secrets.token_hex
+
+    def generated_after_all_looked(n: int) -> str:
+        all_looked.wait()
+        return token_hex(n)
+
+    monkeypatch.setattr(secrets, "token_hex", generated_after_all_looked)
+    got: list[bytes] = []
+    failed: list[BaseException] = []
+
+    def first_use() -> None:
+        try:
+            got.append(home.deid_salt())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failed.append(exc)
+
+    threads = [threading.Thread(target=first_use) for _ in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed, failed
+    stays = (tmp_path / "deid_salt").read_text().strip().encode()
+    assert got == [stays] * callers
+    assert stat.S_IMODE(os.stat(tmp_path / "deid_salt").st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["deid_salt"]  # no temporary left
+
+
 def test_a_salt_file_named_by_the_environment_wins(tmp_path, monkeypatch):
     secret = tmp_path / "mounted" / "salt"
     secret.parent.mkdir()
