@@ -90,7 +90,10 @@ def _run(spec: JobSpec, ctx: JobContext) -> dict[str, Any]:
     history.record(lake, ctx, spec, "RUNNING", {})
     started = time.monotonic()
     result: dict[str, Any] = job.run(spec, lake, ctx)
-    result["usage"] = costs.job_usage(time.monotonic() - started)
+    # CPUs the driver held to do the work itself (a one-worker CPU training), beside its
+    # tasks' and actors'
+    result["usage"] = costs.job_usage(time.monotonic() - started,
+                                      driver_held=result.pop("driver_held", None))
     price = costs.cost(result["usage"], costs.prices_from_env(), result.get("images"))
     if price:
         result["cost"] = price

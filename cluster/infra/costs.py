@@ -109,12 +109,15 @@ def settle_waits(bound_s: float, first_s: float = SETTLE_FIRST_S,
     return waits
 
 
-def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
+def job_usage(wall_s: float, settle_tries: int = 3,
+              driver_held: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """CPU/GPU-seconds of the current Ray job by node type (best effort: {} on failure).
 
     ``settle_tries``: the seconds (one per try of the earlier fixed one-second pauses) to go on
     listing while task events lag, in pauses that start at ``SETTLE_FIRST_S`` and grow; 0 for
-    a job that is being stopped and has seconds left."""
+    a job that is being stopped and has seconds left. ``driver_held``: CPUs the job's driver
+    held itself, as ``{"node_id", "cpus", "seconds"}`` (a one-worker CPU training runs in its
+    driver, on CPUs it holds with a placement group: cluster/train/in_driver.py)."""
     try:
         import ray
         from ray.util.state import list_actors, list_tasks
@@ -202,6 +205,9 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
         if first_node[actor_id][0] == node:  # the first node held it from its creation
             first = min(first, actor_created.get(actor_id, (first, first))[0])
         held(node, actor_res.get(actor_id, {}), last - first)
+    if driver_held:
+        held(str(driver_held["node_id"]), {"CPU": float(driver_held["cpus"])},
+             float(driver_held["seconds"]) * 1000)
     return {
         "wall_seconds": round(wall_s, 2),
         "cpu_seconds": round(sum(v["cpu_seconds"] for v in per_type.values()), 2),
@@ -214,8 +220,9 @@ def job_usage(wall_s: float, settle_tries: int = 3) -> dict[str, Any]:
                         **{kk: round(vv, 2) for kk, vv in v.items()}}
                     for k, v in per_node.items() if k},
         # the node types the job's tasks and actors ran on (an autoscaled cluster's kinds)
-        "node_types": sorted({node_type.get(t.node_id, "unknown") for t in tasks
-                              if t.node_id}),
+        "node_types": sorted({node_type.get(n, "unknown") for n in
+                              [t.node_id for t in tasks]
+                              + [str(driver_held["node_id"]) if driver_held else ""] if n}),
         # which nodes each kind of actor ran on: shows a job spread over the cluster
         "actor_nodes": {k: len(v) for k, v in sorted(placement.items())},
     }

@@ -30,7 +30,7 @@ from medray.cluster.infra import autoscale, env
 from medray.cluster.infra.context import JobContext
 from medray.cluster.store import catalog, layout, registry
 from medray.cluster.store.lake import Lake
-from medray.cluster.train import checkpoints, data, precheck, restarts
+from medray.cluster.train import checkpoints, data, in_driver, precheck, restarts
 from medray.cluster.train.features import FeatureCache, ensure_features
 from medray.cluster.train.plan import PLAN, DatasetFacts, TrainPlan
 from medray.cluster.train.weights import resolve_weights
@@ -77,17 +77,20 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     if spec.mode == "head" and plan.augment is None:
         features = ensure_features(lake, spec, plan.shape, plan.init, shards, ctx.job_id)
         plan = replace(plan, feature_dim=features.dim)
-    _fit(lake, plan, list(features.files) if features else shards)
+    held = _fit(lake, plan, list(features.files) if features else shards)
     final = lake.read_json_or_none(layout.training_result(spec.model, train_id))
     if final is None:
         raise InputError("training ended without a final model (see the worker logs)")
     restarted = restarts.summary(lake, spec.model, train_id, ctx.job_id)
     if restarted["restarts"]:
-        log.warning("training %s: the workers restarted %d time(s) after losing a node, "
-                    "resuming from the checkpoints of epochs %s", train_id,
+        log.warning("training %s: restarted %d time(s) (a lost node, or storage trouble that "
+                    "passed), resuming from the checkpoints of epochs %s", train_id,
                     restarted["restarts"], restarted["resumed_from_epochs"])
-    return _register(lake, plan, final, features, changed, started,
-                     _training_data(facts, rows), card_text, restarted)
+    result = _register(lake, plan, final, features, changed, started,
+                       _training_data(facts, rows), card_text, restarted)
+    if held is not None:  # for the job's usage (jobs/entry.py), not the CLI
+        result["driver_held"] = held.usage()
+    return result
 
 
 def _training_data(facts: DatasetFacts, rows: data.RowCounts) -> dict[str, Any]:
@@ -155,8 +158,9 @@ def _check_resources(spec: TrainSpec) -> None:
                           f"{total.get('GPU', 0):g}")
 
 
-def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
-    """Run the workers over ``files`` (image shards, or feature files for a cached head)."""
+def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> in_driver.Held | None:
+    """Run the workers over ``files`` (image shards, or feature files for a cached head); what
+    this driver held to train itself, if it did."""
     # Ray Train v2's own classes: what ray.train gives at run time (the type checker sees v1's)
     from ray.train import DataConfig
     from ray.train.v2.api.config import RunConfig, ScalingConfig
@@ -177,28 +181,37 @@ def _fit(lake: Lake, plan: TrainPlan, files: list[str]) -> None:
                            storage_path=str(Path(tempfile.gettempdir()) / "medray-train"),
                            failure_config=restarts.failure_config(),
                            callbacks=[restarts.FailFast()])
-    # medray's backend, not Ray's TensorflowTrainer: neither this driver nor Ray Train's
-    # controller imports TensorFlow (backend.py; BENCHMARKS.md "Start-up")
-    trainer = DataParallelTrainer(
-        train_loop,
-        backend_config=TensorflowBackendConfig(),
-        train_loop_config={PLAN: plan},
-        scaling_config=ScalingConfig(
-            num_workers=spec.workers, use_gpu=bool(gpus),
-            resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": gpus} if gpus
-                                                                  else {})}),
-        # the trainer's annotations name ray.train's classes, v1's to the type checker
-        run_config=run_config,  # type: ignore[arg-type]
-        datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        cause = _unwrap(exc)
-        if cause is not exc:
-            raise cause from exc
-        raise
+    with in_driver.hold(spec) as held:
+        # one CPU worker: the loop runs in this driver (Ray Train's local mode, num_workers=0)
+        # on CPUs held on its node; otherwise on Ray Train's workers (in_driver.py)
+        log.info("the training loop runs %s", f"in this job's driver ({held.cpus:g} CPU held)"
+                 if held else f"on {spec.workers} Ray Train worker(s)")
+        # medray's backend, not Ray's TensorflowTrainer: neither this driver (unless it trains)
+        # nor Ray Train's controller imports TensorFlow (backend.py; BENCHMARKS.md "Start-up")
+        trainer = DataParallelTrainer(
+            train_loop,
+            backend_config=TensorflowBackendConfig(),
+            train_loop_config={PLAN: plan},
+            scaling_config=ScalingConfig(
+                num_workers=0 if held else spec.workers, use_gpu=bool(gpus),
+                resources_per_worker={"CPU": spec.cpus_per_worker, **({"GPU": gpus} if gpus
+                                                                      else {})}),
+            # the trainer's annotations name ray.train's classes, v1's to the type checker
+            run_config=run_config,  # type: ignore[arg-type]
+            datasets={"train": train_ds},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        try:
+            if held:
+                in_driver.fit(trainer.fit, _unwrap)
+            else:
+                trainer.fit()
+        except Exception as exc:
+            cause = _unwrap(exc)
+            if cause is not exc:
+                raise cause from exc
+            raise
+    return held
 
 
 def _unwrap(exc: BaseException) -> BaseException:

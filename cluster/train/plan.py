@@ -19,6 +19,13 @@ from medray.workers.specs import TrainSpec
 PLAN = "plan"  # the key of the plan in train_loop_config
 
 
+def driver_cpus(spec: TrainSpec) -> float:
+    """The CPUs a training's job driver would hold to run the loop itself: a one-worker CPU
+    training's worker's (``in_driver.py``); 0 for more workers or GPUs, which go to Ray Train's
+    workers, placed where the cluster has them."""
+    return spec.cpus_per_worker if spec.workers == 1 and not spec.gpus_per_worker else 0.0
+
+
 @dataclass(frozen=True)
 class DatasetFacts:
     """The dataset version a training reads, as its manifest describes it."""

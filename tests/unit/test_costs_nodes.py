@@ -22,7 +22,7 @@ def _task(kind: str, node: str | None, start: int, end: int | None, actor: str =
 def _cluster_reports(monkeypatch: pytest.MonkeyPatch, tasks: list[SimpleNamespace],
                      actors: list[tuple[str, str, str]]) -> None:
     """Ray's state API answers with ``tasks`` and ``actors`` (actor id, node, class) for a job
-    on nodes n1 (gpu_spot) and n2 (gpu_ondemand)."""
+    on nodes n1 (gpu_spot) and n2 (gpu_ondemand), its driver on n3 (head)."""
     import ray
     import ray.util.state as state
 
@@ -31,7 +31,8 @@ def _cluster_reports(monkeypatch: pytest.MonkeyPatch, tasks: list[SimpleNamespac
         SimpleNamespace(actor_id=a, node_id=n, repr_name="", class_name=c) for a, n, c in actors])
     monkeypatch.setattr(ray, "get_runtime_context",
                         lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
-    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand"})
+    monkeypatch.setattr(costs, "_node_types", lambda: {"n1": "gpu_spot", "n2": "gpu_ondemand",
+                                                       "n3": "head"})
 
 
 @pytest.fixture
@@ -55,6 +56,21 @@ def test_lost_node_keeps_its_time_under_its_type(restarted_actor: None) -> None:
     assert usage["by_node_type"]["gpu_spot"]["gpu_seconds"] == 40.0
     assert usage["by_node_type"]["gpu_ondemand"]["gpu_seconds"] == 30.0
     assert usage["node_types"] == ["gpu_ondemand", "gpu_spot"]
+
+
+def test_a_driver_that_trains_counts_the_cpus_it_held_on_its_node(
+        restarted_actor: None) -> None:
+    """A one-worker CPU training runs in its job's driver, on the worker's CPUs held on the
+    driver's node (cluster/train/in_driver.py): they count for the time held, under that
+    node's type, beside the job's actors."""
+    usage = costs.job_usage(100.0, settle_tries=0,
+                            driver_held={"node_id": "n3", "cpus": 2.0, "seconds": 100.0})
+    assert usage["by_node"]["n3"] == {"node_type": "head", "cpu_seconds": 200.0,
+                                      "gpu_seconds": 0.0}
+    assert usage["cpu_seconds"] == 200.0 + 40.0 + 30.0
+    assert usage["node_types"] == ["gpu_ondemand", "gpu_spot", "head"]
+    # a driver that held nothing is not a node the job ran on
+    assert "n3" not in costs.job_usage(100.0, settle_tries=0)["by_node"]
 
 
 def test_labelled_type_reads_ray_and_local_labels() -> None:

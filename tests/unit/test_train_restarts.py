@@ -156,3 +156,34 @@ def test_attempts_are_recorded_and_summarised(tmp_path, monkeypatch: pytest.Monk
         "restarts": 1, "resumed_from_epochs": [1], "nodes": ["n1", "n2"]}
     # another job of the same training keeps its own record
     assert restarts.summary(lake, "m", "t1", "job2")["restarts"] == 0
+
+
+def test_a_training_in_the_driver_trains_again_only_after_trouble_that_may_pass():
+    """The driver's own loop (one CPU worker, cluster/train/in_driver.py) keeps what Ray
+    Train's controller did: a retryable error trains again from the last checkpoint, up to
+    MAX_FAILURES times; bad input, a bug, or one retry too many fail at once."""
+    from medray.cluster.train import in_driver
+
+    def runs(errors: list[BaseException]) -> tuple[list[int], BaseException | None]:
+        calls: list[int] = []
+
+        def run() -> None:
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+
+        try:
+            in_driver.fit(run, lambda exc: exc)
+        except Exception as exc:  # noqa: BLE001 - the test reads what came out
+            return calls, exc
+        return calls, None
+
+    calls, raised = runs([InfraError("s3 slow"), InfraError("s3 slow")])
+    assert (len(calls), raised) == (3, None)
+    too_many = [InfraError(f"s3 down {i}") for i in range(restarts.MAX_FAILURES + 1)]
+    calls, raised = runs(too_many)
+    assert len(calls) == restarts.MAX_FAILURES + 1 and raised is too_many[-1]
+    bad = InputError("no such label")
+    assert runs([bad]) == ([1], bad)
+    bug = ZeroDivisionError("a bug")
+    assert runs([bug]) == ([1], bug)
