@@ -2,12 +2,12 @@
 (Ray Train's local mode, ``num_workers=0``), on CPUs the driver holds on its own node.
 
 Ray Train's other path starts two Python processes one after the other before the loop runs:
-its controller, then its worker (about 5 s of a small job's 12-16 s on 2 cores; BENCHMARKS.md
-"Start-up"). A one-worker CPU training needs neither: no collectives, no GPU to place. The
-driver runs on the head (every medray job's driver does), so it asks Ray for the worker's CPUs
-there, as a placement group pinned to its node by Ray's ``ray.io/node-id`` label: the job waits
-for them as Ray Train's worker would, other jobs see them taken, and the job's usage counts
-them. A node with fewer CPUs than the worker asks (a cloud head that advertises none) trains on
+its controller, then its worker (about 6 s of a small job's 14 s of fixed start-up on 2 cores;
+BENCHMARKS.md "Start-up"). A one-worker CPU training needs neither: no collectives, no GPU to
+place. The driver runs on the head (every medray job's driver does), so it asks Ray for the
+worker's CPUs there, as a placement group pinned to its node by Ray's ``ray.io/node-id`` label:
+the job waits for them as Ray Train's worker would, other jobs see them taken, and the job's
+usage counts them. A node with fewer CPUs than the worker asks (a cloud head that advertises none) trains on
 Ray Train's worker, placed wherever the cluster has the CPUs.
 
 What Ray Train's controller did besides that, done here: a retryable medray error (storage
