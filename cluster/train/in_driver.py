@@ -7,8 +7,8 @@ BENCHMARKS.md "Start-up"). A one-worker CPU training needs neither: no collectiv
 place. The driver runs on the head (every medray job's driver does), so it asks Ray for the
 worker's CPUs there, as a placement group pinned to its node by Ray's ``ray.io/node-id`` label:
 the job waits for them as Ray Train's worker would, other jobs see them taken, and the job's
-usage counts them. A node with fewer CPUs than the worker asks (a cloud head that advertises none) trains on
-Ray Train's worker, placed wherever the cluster has the CPUs.
+usage counts them. A node with fewer CPUs than the worker asks (a cloud head that advertises
+none) trains on Ray Train's worker, placed wherever the cluster has the CPUs.
 
 What Ray Train's controller did besides that, done here: a retryable medray error (storage
 trouble that may pass) trains again from the last checkpoint, up to ``restarts.MAX_FAILURES``
