@@ -205,7 +205,9 @@ def job_usage(wall_s: float, settle_tries: int = 3,
         if first_node[actor_id][0] == node:  # the first node held it from its creation
             first = min(first, actor_created.get(actor_id, (first, first))[0])
         held(node, actor_res.get(actor_id, {}), last - first)
+    ran_on = {t.node_id for t in tasks if t.node_id}
     if driver_held:
+        ran_on.add(str(driver_held["node_id"]))
         held(str(driver_held["node_id"]), {"CPU": float(driver_held["cpus"])},
              float(driver_held["seconds"]) * 1000)
     return {
@@ -219,10 +221,8 @@ def job_usage(wall_s: float, settle_tries: int = 3,
         "by_node": {k: {"node_type": node_type.get(k, "unknown"),
                         **{kk: round(vv, 2) for kk, vv in v.items()}}
                     for k, v in per_node.items() if k},
-        # the node types the job's tasks and actors ran on (an autoscaled cluster's kinds)
-        "node_types": sorted({node_type.get(n, "unknown") for n in
-                              [t.node_id for t in tasks]
-                              + [str(driver_held["node_id"]) if driver_held else ""] if n}),
+        # the node types the job's tasks and actors (and a driver that did the work) ran on
+        "node_types": sorted({node_type.get(n, "unknown") for n in ran_on}),
         # which nodes each kind of actor ran on: shows a job spread over the cluster
         "actor_nodes": {k: len(v) for k, v in sorted(placement.items())},
     }
