@@ -6,6 +6,9 @@ mid-work (a job's driver also leaves by ``os._exit``, but only once its result i
 
 - ``stage_crash_on:TEXT``: a staging decoder dies on the first input whose URI contains TEXT;
 - ``train_exit_after_epoch:N``: training rank 0 dies right after checkpointing epoch N;
+- ``train_fail_after_epoch:N``: training rank 0 raises a retryable ``InfraError`` (storage
+  trouble that may pass) right after checkpointing epoch N, so a test sees the training retried
+  from that checkpoint (a retry resumes after epoch N, so the fault does not fire again);
 - ``train_epoch_delay:S``: every training worker waits S seconds after each epoch's checkpoint,
   so a test can take a worker's node away between two epochs (without burning CPU);
 - ``score_batch_delay:S``: a scorer actor waits S seconds after each batch, so a test's score
@@ -21,6 +24,7 @@ from __future__ import annotations
 import os
 
 from medray.cluster.infra import env
+from medray.workers.errors import InfraError
 
 EXIT_CODE = 17  # what a test sees as the killed process's exit status
 
@@ -37,11 +41,19 @@ def stage_crash_text() -> str | None:
 
 def train_exit_epoch() -> int | None:
     """N of ``train_exit_after_epoch:N``, or None."""
-    value = _value("train_exit_after_epoch:")
+    return _number(_value("train_exit_after_epoch:"))
+
+
+def _number(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
     except ValueError:
         return None
+
+
+def train_fail_epoch() -> int | None:
+    """N of ``train_fail_after_epoch:N``, or None."""
+    return _number(_value("train_fail_after_epoch:"))
 
 
 def train_epoch_delay() -> float:
@@ -65,6 +77,11 @@ def _seconds(prefix: str) -> float:
         return max(0.0, float(value)) if value is not None else 0.0
     except ValueError:
         return 0.0
+
+
+def fail_retryably(epoch: int) -> None:
+    """Raise the retryable error of ``train_fail_after_epoch:N``."""
+    raise InfraError(f"MEDRAY_FAULT: storage trouble injected after epoch {epoch}")
 
 
 def die() -> None:

@@ -94,6 +94,7 @@ def train_loop(config: dict[str, Any]) -> None:
         board = _Board(lake, layout.training_board(plan.spec.model, plan.train_id))
     shard = ray.train.get_dataset_shard("train")
     fault, delay = faults.train_exit_epoch(), faults.train_epoch_delay()
+    fail = faults.train_fail_epoch()
     mine: dict[str, Any] = record["epochs"]
     epoch = int(state["epoch"])
     stop = tr.finished(state, plan.spec.epochs)  # every rank read the same checkpoint
@@ -119,6 +120,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if fault == epoch and rank == 0:
             log.info("MEDRAY_FAULT: exiting after epoch %d", epoch)
             faults.die()
+        if fail == epoch and rank == 0:
+            faults.fail_retryably(epoch)
         if delay:
             time.sleep(delay)
         stop = bool(decision["stop"])

@@ -82,3 +82,32 @@ def test_training_killed_twice_resumes_from_its_checkpoints(pipeline, ray_cluste
 
 def _state(fs, pipe: h.Pipeline, latest: dict) -> dict:
     return json.loads(h.read_object(fs, f"{h.lake_base(pipe.lake)}/{latest['dir']}/state.json"))
+
+
+@pytest.mark.slow
+def test_storage_trouble_in_a_driver_training_trains_again_from_its_checkpoint(
+        pipeline, ray_cluster, medray_home):
+    """A one-worker CPU training runs its loop in the job's driver (cluster/train/in_driver.py);
+    a retryable error after epoch 1's checkpoint trains again in the same process from that
+    checkpoint, and the job registers its model with epoch 1 trained once."""
+    fs = h.s3fs(medray_home)
+    model, run_id, epochs = "retrydriver", f"retry-{uuid.uuid4().hex[:6]}", 3
+    proc = h.cli(None, *_train_args(pipeline, model, run_id, epochs, "--json", "--verbose"),
+                 timeout=900, env={"MEDRAY_FAULT": "train_fail_after_epoch:1"})
+    said = proc.stdout + proc.stderr
+    assert "the training loop runs in this job's driver" in said, said[-3000:]
+    assert "MEDRAY_FAULT: storage trouble injected after epoch 1" in said, said[-3000:]
+    assert "training again from the last checkpoint (1 of 3)" in said, said[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["restarts"] == 1 and result["resumed_from_epochs"] == [1], result
+    assert result["version"] == 1
+    card = json.loads(h.read_object(fs, f"{h.lake_base(pipeline.lake)}/models/{model}/1/card.json"))
+    assert [r["epoch"] for r in card["metrics"]["history"]] == [1, 2, 3]
+    ranks = f"{h.lake_base(pipeline.lake)}/models/{model}/_training/{run_id}/ranks"
+    rank0 = [p for p in h.lake_files(fs, ranks) if p.endswith("-rank0.json")]
+    assert len(rank0) == 1, rank0
+    record = json.loads(h.read_object(fs, rank0[0]))
+    # both attempts ran in the one driver process: the second resumed after epoch 1
+    assert [a["resumed_from_epoch"] for a in record["attempts"]] == [0, 1], record
+    assert len({a["pid"] for a in record["attempts"]}) == 1, record
+    assert sorted(record["epochs"], key=int) == ["1", "2", "3"], record
