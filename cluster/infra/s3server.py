@@ -93,13 +93,23 @@ def _port_open(endpoint: str) -> bool:
 
 
 def _credentials(lake_dir: Path) -> dict[str, str]:
+    """The embedded lake's keys, made on first use (one pair, whoever asks first). A file that
+    holds no pair (damaged) is an error that says what to do: replacing it here could hand two
+    callers two pairs."""
     path = lake_dir / "credentials.json"
-    creds = read_json(path)
-    if not creds:
-        creds = json.loads(create_private_once(path, json.dumps({
-            "access_key": "MR" + secrets.token_hex(9).upper(),
-            "secret_key": secrets.token_urlsafe(30),
-        })))
+    text = create_private_once(path, json.dumps({
+        "access_key": "MR" + secrets.token_hex(9).upper(),
+        "secret_key": secrets.token_urlsafe(30),
+    }))
+    try:
+        creds = json.loads(text)
+    except ValueError:
+        creds = None
+    if not isinstance(creds, dict) or not all(
+            isinstance(creds.get(k), str) and creds[k] for k in ("access_key", "secret_key")):
+        raise InfraError(f"the embedded lake's keys file {path} is damaged (no access_key and "
+                         "secret_key in it): delete it and start the lake again (`medray lake "
+                         "up`); new keys are made and the lake's data stays")
     return creds
 
 
