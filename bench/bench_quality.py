@@ -72,7 +72,9 @@ VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
     ("crop 0.05, rotation 0.02, brightness 0.3", {},
      {"augment": "crop=0.05,rotation=0.02,brightness=0.3"}),
     ("crop 0.25, rotation 0.02, brightness 0.1", {},
-     {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}))
+     {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}),
+    ("crop 0.25, rotation 0.02, brightness 0.1, --epochs 24 --patience 8",
+     {"epochs": 24, "patience": 8}, {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}))
 VARIANTS_ONLY: list[str] = []  # --variants: a subset of VARIANTS by name
 # folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE

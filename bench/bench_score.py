@@ -381,7 +381,8 @@ def tuning(args: argparse.Namespace) -> list[str]:
 
 def section(args: argparse.Namespace) -> str:
     """The BENCHMARKS.md section a run replaces: hand-picked flags and medray's own differ."""
-    return "Scoring" if args.tuned else "Scoring with default flags"
+    name = "Scoring" if args.tuned else "Scoring with default flags"
+    return name if args.nodes == 1 else f"{name} on {args.nodes} nodes"
 
 
 def _sizing_text(sizing: dict[str, Any] | None) -> str:
@@ -425,7 +426,10 @@ def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: 
     lines = [
         f"## {section(args)}", "",
         f"Command: `{cmd}` (bench/bench_score.py). Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, no GPU; local Ray cluster with {args.cpus} CPUs and a "
+        f"{os.cpu_count()} cores, no GPU; local Ray cluster with {args.cpus} CPUs"
+        + (f" over {args.nodes} nodes (a head and {args.nodes - 1} worker raylet(s) on this "
+           f"machine, {args.cpus // args.nodes} CPU(s) each)" if args.nodes > 1 else "")
+        + " and a "
         f"local-folder lake; 1-minute load average during the runs {min(load):.1f}-"
         f"{max(load):.1f}: the machine is shared with other work, so wall-clock figures are "
         "low and move with the load; CPU seconds (the run's processes: CLI, job driver, Ray "
@@ -503,6 +507,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="square side in px")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="raylets on this machine, the head included; --cpus is split "
+                             "evenly over them (a multi-node cluster's scheduling and sizing, "
+                             "on this machine's cores)")
     parser.add_argument("--per-image", type=int, default=10, help="sample size for (d)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="plain runs of (b) and (c) per size (wall time: the best)")
@@ -514,6 +522,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.nodes < 1 or args.cpus % args.nodes:
+        parser.error("--nodes must be at least 1 and divide --cpus")
+    if args.tuned and args.nodes > 1:
+        parser.error("--tuned asks one actor for all --cpus, more than one node has")
     small, large = (int(s) for s in args.sizes.split(","))
     work = Path(tempfile.mkdtemp(prefix="medray-bench-score-"))
     home = Path(f"/tmp/mr-bs-{os.getpid()}")  # short: Ray's socket paths must stay < 108 bytes
@@ -540,7 +552,8 @@ def main() -> None:
     try:
         for attempt in range(3):  # a new Ray node has 30 s to register: short on a busy box
             try:
-                info = ray_local.up(num_cpus=args.cpus, dashboard_port=None)
+                info = ray_local.up(nodes=args.nodes, num_cpus=args.cpus // args.nodes,
+                                    dashboard_port=None)
                 break
             except Exception as exc:
                 note(f"cluster start failed ({str(exc)[-200:]}), retrying")
@@ -599,10 +612,11 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     default = args.sizes == "2000,20000" and args.image_size == 128 and args.per_image == 10 \
-        and not args.tuned and args.repeats == 2
+        and not args.tuned and args.repeats == 2 and args.nodes == 1
     cmd = "make bench-score" if default else (
         f".venv/bin/python bench/bench_score.py --sizes {args.sizes} --image-size "
         f"{args.image_size} --per-image {args.per_image} --repeats {args.repeats}"
+        + (f" --nodes {args.nodes}" if args.nodes > 1 else "")
         + (" --tuned" if args.tuned else ""))
     text = report(args, results, load, cmd)
     print(text)
