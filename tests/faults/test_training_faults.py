@@ -85,19 +85,26 @@ def _state(fs, pipe: h.Pipeline, latest: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_storage_trouble_in_a_driver_training_trains_again_from_its_checkpoint(
-        pipeline, ray_cluster, medray_home):
-    """A one-worker CPU training runs its loop in the job's driver (cluster/train/in_driver.py);
-    a retryable error after epoch 1's checkpoint trains again in the same process from that
-    checkpoint, and the job registers its model with epoch 1 trained once."""
+@pytest.mark.parametrize("where", ["driver", "workers"])
+def test_storage_trouble_mid_training_trains_again_from_its_checkpoint(
+        pipeline, ray_cluster, medray_home, where):
+    """A retryable error after epoch 1's checkpoint trains again from that checkpoint in the same
+    job, which registers its model with epoch 1 trained once. "driver": a one-worker CPU
+    training runs its loop in the job's driver (cluster/train/in_driver.py), which retries in
+    the same process; "workers": two Ray Train workers, whose controller restarts the group
+    (the retryable error passes restarts.FailFast) in new processes."""
     fs = h.s3fs(medray_home)
-    model, run_id, epochs = "retrydriver", f"retry-{uuid.uuid4().hex[:6]}", 3
-    proc = h.cli(None, *_train_args(pipeline, model, run_id, epochs, "--json", "--verbose"),
+    model, run_id, epochs = f"retry{where}", f"retry-{uuid.uuid4().hex[:6]}", 3
+    extra = ("--workers", "2", "--cpus-per-worker", "0.5") if where == "workers" else ()
+    proc = h.cli(None, *_train_args(pipeline, model, run_id, epochs, *extra, "--json",
+                                    "--verbose"),
                  timeout=900, env={"MEDRAY_FAULT": "train_fail_after_epoch:1"})
     said = proc.stdout + proc.stderr
-    assert "the training loop runs in this job's driver" in said, said[-3000:]
+    ran = "in this job's driver" if where == "driver" else "on 2 Ray Train worker(s)"
+    assert f"the training loop runs {ran}" in said, said[-3000:]
     assert "MEDRAY_FAULT: storage trouble injected after epoch 1" in said, said[-3000:]
-    assert "training again from the last checkpoint (1 of 3)" in said, said[-3000:]
+    if where == "driver":
+        assert "training again from the last checkpoint (1 of 3)" in said, said[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["restarts"] == 1 and result["resumed_from_epochs"] == [1], result
     assert result["version"] == 1
@@ -107,7 +114,7 @@ def test_storage_trouble_in_a_driver_training_trains_again_from_its_checkpoint(
     rank0 = [p for p in h.lake_files(fs, ranks) if p.endswith("-rank0.json")]
     assert len(rank0) == 1, rank0
     record = json.loads(h.read_object(fs, rank0[0]))
-    # both attempts ran in the one driver process: the second resumed after epoch 1
+    # the second attempt resumed after epoch 1: in the driver's own process, or in a new worker
     assert [a["resumed_from_epoch"] for a in record["attempts"]] == [0, 1], record
-    assert len({a["pid"] for a in record["attempts"]}) == 1, record
+    assert len({a["pid"] for a in record["attempts"]}) == (1 if where == "driver" else 2), record
     assert sorted(record["epochs"], key=int) == ["1", "2", "3"], record
