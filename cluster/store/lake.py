@@ -82,6 +82,10 @@ def classify(exc: BaseException) -> str:
     return "other"
 
 
+# listings of a local folder that raced another writer (Lake._listing)
+_LISTING_TRIES = 5
+
+
 def with_retries(op: Callable[[], T], what: str, deadline_s: float | None = None) -> T:
     """Run one storage operation, retrying transient failures with jittered backoff."""
     deadline = time.monotonic() + (retry_seconds() if deadline_s is None else deadline_s)
@@ -259,16 +263,32 @@ class Lake:
 
     def list_files(self, rel: str, recursive: bool = False) -> list[str]:
         """Relative paths of the files under ``rel`` (sorted); [] when it does not exist."""
-        selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
-        infos = with_retries(lambda: self.fs.get_file_info(selector), f"list {rel}")
         prefix = len(self.base) + 1
-        return sorted(i.path[prefix:] for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.path[prefix:] for i in self._listing(rel, recursive)
+                      if i.type == pafs.FileType.File)
 
     def list_dirs(self, rel: str) -> list[str]:
         """Names of the folders directly under ``rel`` (sorted)."""
-        selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
-        infos = with_retries(lambda: self.fs.get_file_info(selector), f"list {rel}")
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in self._listing(rel, False)
+                      if i.type == pafs.FileType.Directory)
+
+    def _listing(self, rel: str, recursive: bool) -> list[pafs.FileInfo]:
+        """What is under ``rel``; [] when it does not exist. pyarrow's local listing asks
+        whether a folder exists only after listing it failed, so a folder another writer
+        creates in between (a concurrent first claim of a dataset version) fails the listing
+        with FileNotFoundError, and so does an entry removed between the listing and its stat
+        (another writer's temporary). Listing again sees the folder as it now is."""
+        selector = pafs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
+
+        def once() -> list[pafs.FileInfo]:
+            return with_retries(lambda: self.fs.get_file_info(selector), f"list {rel}")
+
+        for _ in range(_LISTING_TRIES - 1):
+            try:
+                return once()
+            except FileNotFoundError:
+                continue
+        return once()
 
     def size(self, rel: str) -> int:
         info = with_retries(lambda: self.fs.get_file_info(self.path(rel)), f"stat {rel}")

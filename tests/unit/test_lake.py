@@ -164,6 +164,34 @@ def test_concurrent_dataset_version_claims_are_distinct(tmp_path):
     conditional.check_concurrent_dataset_claims(Lake(str(tmp_path / "lake")))
 
 
+def test_a_listing_that_races_a_folder_appearing_and_going_does_not_fail(tmp_path):
+    """pyarrow's local listing fails with FileNotFoundError when the folder appears between its
+    failed list and its existence check (seen in CI as a concurrent first claim of a dataset
+    version): 2-3% of listings while another thread creates and removes the folder. The lake
+    lists again, so every listing returns."""
+    import shutil
+    import threading
+
+    lake = Lake(str(tmp_path / "lake"))
+    folder = tmp_path / "lake" / "datasets" / "d"
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            (folder / "1").mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert lake.list_dirs("datasets/d") in ([], ["1"])
+            assert lake.list_files("datasets", recursive=True) == []
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_a_registration_whose_file_is_missing_claims_nothing(tmp_path):
     lake = Lake(str(tmp_path / "lake"))
     card = ModelCard(name="m", labels=["a"], multi_label=False, input_size=8,
