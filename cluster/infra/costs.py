@@ -207,8 +207,9 @@ def job_usage(wall_s: float, settle_tries: int = 3,
         held(node, actor_res.get(actor_id, {}), last - first)
     ran_on = {t.node_id for t in tasks if t.node_id}
     if driver_held:
-        ran_on.add(str(driver_held["node_id"]))
-        held(str(driver_held["node_id"]), {"CPU": float(driver_held["cpus"])},
+        driver_node = str(driver_held["node_id"])
+        ran_on.add(driver_node)
+        held(driver_node, {"CPU": float(driver_held["cpus"])},
              float(driver_held["seconds"]) * 1000)
     return {
         "wall_seconds": round(wall_s, 2),

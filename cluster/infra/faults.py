@@ -44,13 +44,6 @@ def train_exit_epoch() -> int | None:
     return _number(_value("train_exit_after_epoch:"))
 
 
-def _number(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def train_fail_epoch() -> int | None:
     """N of ``train_fail_after_epoch:N``, or None."""
     return _number(_value("train_fail_after_epoch:"))
@@ -77,6 +70,13 @@ def _seconds(prefix: str) -> float:
         return max(0.0, float(value)) if value is not None else 0.0
     except ValueError:
         return 0.0
+
+
+def _number(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def fail_retryably(epoch: int) -> None:
