@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.medray-installed
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-unit test-integration test-e2e test-faults test-security lint \
-	typecheck bench bench-score bench-stage bench-train bench-startup clean browser pacs
+	typecheck bench bench-score bench-stage bench-train bench-startup bench-quality clean browser pacs
 
 setup: $(STAMP)
 
@@ -48,6 +48,9 @@ bench-train: setup
 
 bench-startup: setup
 	$(BIN)/python bench/bench_startup.py
+
+bench-quality: setup
+	$(BIN)/python bench/bench_quality.py
 
 # Headless Chromium for the test that renders the HTML report (skipped when absent).
 browser:

@@ -74,7 +74,23 @@ VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
     ("crop 0.25, rotation 0.02, brightness 0.1", {},
      {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}),
     ("crop 0.25, rotation 0.02, brightness 0.1, --epochs 24 --patience 8",
-     {"epochs": 24, "patience": 8}, {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}))
+     {"epochs": 24, "patience": 8}, {"augment": "crop=0.25,rotation=0.02,brightness=0.1"}),
+    ("weight EMA 0.99 (not in medray)", {}, {}), ("weight EMA 0.95 (not in medray)", {}, {}),
+    ("mixup 0.2 (not in medray)", {}, {}),
+    ("weight EMA 0.99 and mixup 0.2 (not in medray)", {}, {}),
+    ("ensemble of 3 (not in medray)", {}, {}))
+# tenth session: what the training loop itself could do beyond medray's (probes: none of them
+# is a medray flag). "ema": validate and keep an exponential moving average of the trainable
+# weights (decay per step), BatchNorm statistics re-estimated for it as for the live weights;
+# "mixup": each batch's images and one-hot targets mixed with a shuffled copy of the batch,
+# lambda ~ Beta(a, a) per image (Zhang et al., ICLR 2018); "ensemble": seed s trains seeds
+# 3s, 3s+1, 3s+2 and averages their probabilities (Lakshminarayanan et al., NeurIPS 2017).
+LOOP_PROBES: dict[str, dict[str, float]] = {
+    "weight EMA 0.99 (not in medray)": {"ema": 0.99},
+    "weight EMA 0.95 (not in medray)": {"ema": 0.95},
+    "mixup 0.2 (not in medray)": {"mixup": 0.2},
+    "weight EMA 0.99 and mixup 0.2 (not in medray)": {"ema": 0.99, "mixup": 0.2},
+    "ensemble of 3 (not in medray)": {"ensemble": 3}}
 VARIANTS_ONLY: list[str] = []  # --variants: a subset of VARIANTS by name
 # folder-of-X-ray settings tried: (name, size, extra `medray train` flags)
 XRAY_ONLY: list[str] = []  # --xray-runs: a subset of XRAY_RUNS as NAME@SIZE
@@ -102,12 +118,13 @@ def resized(size: int) -> dict[str, np.ndarray]:
 
 
 def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int = 0,
-                     build: dict[str, Any] | None = None, **flags: Any
-                     ) -> tuple[list[dict[str, float]], Any]:
+                     build: dict[str, Any] | None = None, ema: float = 0.0, mixup: float = 0.0,
+                     **flags: Any) -> tuple[list[dict[str, float]], Any]:
     """The training loop of cluster/train/remote.py without Ray, on TrainSpec defaults
     overridden by ``flags`` (spec fields): per epoch (train loss, validation loss as the loop
     logs it, validation AUROC), with early stopping on validation AUROC; returns the rows and
-    the model with the best epoch's weights."""
+    the model with the best epoch's weights. ``ema`` and ``mixup`` are LOOP_PROBES' (0: off,
+    medray's loop)."""
     import keras
     import tensorflow as tf
 
@@ -132,6 +149,9 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
         loss_fn = tr.make_loss(False, pos, neg)
         step = tr.make_train_step(strategy, model, opt, loss_fn, plan.global_batch)
     rng = np.random.default_rng(seed)
+    probe_rng = np.random.default_rng(seed + 1000)
+    weights = model.trainable_variables
+    average = [w.numpy().copy() for w in weights]
     rows: list[dict[str, float]] = []
     state = tr.new_state()
     best = model.get_weights()
@@ -140,7 +160,23 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
         order = rng.permutation(len(d["train_y"]))[:plan.steps * plan.global_batch]
         batches = [order[i:i + plan.global_batch] for i in range(0, len(order),
                                                                   plan.global_batch)]
-        losses = [float(step(d["train_x"][b], d["train_y"][b])) for b in batches]
+        losses = []
+        for b in batches:
+            x, y = d["train_x"][b], d["train_y"][b]
+            if mixup:
+                lam = probe_rng.beta(mixup, mixup, size=(len(b), 1)).astype(np.float32)
+                other = probe_rng.permutation(len(b))
+                x = lam[:, :, None, None] * x + (1 - lam[:, :, None, None]) * x[other]
+                y = lam * y + (1 - lam) * y[other]
+            losses.append(float(step(x, y)))
+            if ema:
+                for a, w in zip(average, weights, strict=True):
+                    a *= ema
+                    a += (1 - ema) * w.numpy()
+        live = [w.numpy().copy() for w in weights] if ema else []
+        if ema:  # the average is validated (and kept when best) in place of the live weights
+            for a, w in zip(average, weights, strict=True):
+                w.assign(a)
         if fixed:  # what _close_epoch does now: the last BN_IMAGES training images
             recent = batches[-max(1, tr.BN_IMAGES // plan.global_batch):]
             tr.precise_batchnorm(model, [d["train_x"][b] for b in recent])
@@ -154,6 +190,9 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
         improved, stop = tr.end_epoch(state, dict(row), spec.patience, spec.epochs)
         if improved:
             best = model.get_weights()
+        if ema:  # training goes on from the live weights
+            for v, w in zip(live, weights, strict=True):
+                w.assign(v)
         print(f"{size}px fixed={fixed} {flags} seed {seed} epoch {epoch}: {json.dumps(row)}",
               flush=True)
         if stop:
@@ -235,10 +274,26 @@ def part_variants(out: dict[str, Any], seeds: list[int], save: Any, size: int = 
             if any(r["seed"] == seed for r in runs):
                 continue
             started = time.perf_counter()
-            rows, model = train_in_process(d, size, True, seed, build, **flags)
+            loop = dict(LOOP_PROBES.get(name, {}))
+            members = int(loop.pop("ensemble", 1))
+            trained = [train_in_process(d, size, True, members * seed + k if members > 1
+                                        else seed, build, **loop, **flags)
+                       for k in range(members)]
+            model = trained[0][1] if members == 1 else Averaged([m for _, m in trained])
             runs.append({"seed": seed, "seconds": time.perf_counter() - started,
-                         "epochs_run": len(rows), **test_numbers(model, d)})
+                         "epochs_run": len(trained[0][0]), **test_numbers(model, d)})
             save()
+
+
+class Averaged:
+    """Models called as one: the mean of their probabilities (LOOP_PROBES' ensemble)."""
+
+    def __init__(self, models: list[Any]) -> None:
+        self.models = models
+        self.output_shape = models[0].output_shape
+
+    def __call__(self, x: Any, training: bool = False) -> np.ndarray:
+        return np.mean([np.asarray(m(x, training=training)) for m in self.models], axis=0)
 
 
 # ------------------------------------------------------------------------------- 3 seeds
