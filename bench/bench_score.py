@@ -382,7 +382,41 @@ def tuning(args: argparse.Namespace) -> list[str]:
 def section(args: argparse.Namespace) -> str:
     """The BENCHMARKS.md section a run replaces: hand-picked flags and medray's own differ."""
     name = "Scoring" if args.tuned else "Scoring with default flags"
-    return name if args.nodes == 1 else f"{name} on {args.nodes} nodes"
+    if args.nodes == 1:
+        return name
+    return f"{name} on {args.nodes} nodes" + (" with cores of their own" if args.pin_nodes else "")
+
+
+def cpu_sets(args: argparse.Namespace) -> list[str]:
+    """Node i's cores under --pin-nodes: the i-th run of --cpus / --nodes cores."""
+    k = args.cpus // args.nodes
+    return [f"{i * k}" if k == 1 else f"{i * k}-{(i + 1) * k - 1}" for i in range(args.nodes)]
+
+
+def raylet_cores() -> list[str]:
+    """Each running raylet's allowed cores (/proc's Cpus_allowed_list), sorted; SystemExit
+    unless every raylet is pinned to cores of its own (the run would be mislabelled)."""
+    cores = []
+    for pid, (_, cmd, _) in proc_table().items():
+        if "/raylet " in cmd or cmd.endswith("/raylet"):
+            status = Path(f"/proc/{pid}/status").read_text()
+            cores.append(next(line.split()[1] for line in status.splitlines()
+                              if line.startswith("Cpus_allowed_list:")))
+    everything = f"0-{(os.cpu_count() or 1) - 1}"
+    if len(set(cores)) != len(cores) or everything in cores:
+        raise SystemExit(f"--pin-nodes: the raylets are not on cores of their own: {cores}")
+    return sorted(cores)
+
+
+def _nodes_text(args: argparse.Namespace) -> str:
+    if args.nodes == 1:
+        return ""
+    text = (f" over {args.nodes} nodes (a head and {args.nodes - 1} worker raylet(s) on this "
+            f"machine, {args.cpus // args.nodes} CPU(s) each")
+    if args.pin_nodes:
+        text += ("; each node's Ray processes pinned to cores of their own, "
+                 + ", ".join(f"node {i} on core(s) {c}" for i, c in enumerate(cpu_sets(args))))
+    return text + ")"
 
 
 def _sizing_text(sizing: dict[str, Any] | None) -> str:
@@ -427,9 +461,7 @@ def report(args: argparse.Namespace, r: dict[str, Any], load: list[float], cmd: 
         f"## {section(args)}", "",
         f"Command: `{cmd}` (bench/bench_score.py). Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores, no GPU; local Ray cluster with {args.cpus} CPUs"
-        + (f" over {args.nodes} nodes (a head and {args.nodes - 1} worker raylet(s) on this "
-           f"machine, {args.cpus // args.nodes} CPU(s) each)" if args.nodes > 1 else "")
-        + " and a "
+        f"{_nodes_text(args)} and a "
         f"local-folder lake; 1-minute load average during the runs {min(load):.1f}-"
         f"{max(load):.1f}: the machine is shared with other work, so wall-clock figures are "
         "low and move with the load; CPU seconds (the run's processes: CLI, job driver, Ray "
@@ -511,6 +543,9 @@ def main() -> None:
                         help="raylets on this machine, the head included; --cpus is split "
                              "evenly over them (a multi-node cluster's scheduling and sizing, "
                              "on this machine's cores)")
+    parser.add_argument("--pin-nodes", action="store_true",
+                        help="with --nodes: run each node's Ray processes on cores of their "
+                             "own (taskset), as on a cluster whose nodes are machines")
     parser.add_argument("--per-image", type=int, default=10, help="sample size for (d)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="plain runs of (b) and (c) per size (wall time: the best)")
@@ -524,6 +559,9 @@ def main() -> None:
         parser.error("--repeats must be at least 1")
     if args.nodes < 1 or args.cpus % args.nodes:
         parser.error("--nodes must be at least 1 and divide --cpus")
+    if args.pin_nodes and (args.nodes < 2 or args.cpus > (os.cpu_count() or 1)):
+        parser.error("--pin-nodes needs --nodes of 2 or more and --cpus no more than this "
+                     "machine's cores")
     if args.tuned and args.nodes > 1:
         parser.error("--tuned asks one actor for all --cpus, more than one node has")
     small, large = (int(s) for s in args.sizes.split(","))
@@ -553,6 +591,7 @@ def main() -> None:
         for attempt in range(3):  # a new Ray node has 30 s to register: short on a busy box
             try:
                 info = ray_local.up(nodes=args.nodes, num_cpus=args.cpus // args.nodes,
+                                    cpu_sets=cpu_sets(args) if args.pin_nodes else None,
                                     dashboard_port=None)
                 break
             except Exception as exc:
@@ -561,6 +600,8 @@ def main() -> None:
                 if attempt == 2:
                     raise
         ray_env = {**env, **ray_local.auth_env()}
+        if args.pin_nodes:
+            note(f"raylets' cores: {raylet_cores()}")
         images, labels = make_images(large, args.image_size)
         note(f"{large} images of {args.image_size} px made")
         model_file = work / "mobilenet_v2.keras"
@@ -617,6 +658,7 @@ def main() -> None:
         f".venv/bin/python bench/bench_score.py --sizes {args.sizes} --image-size "
         f"{args.image_size} --per-image {args.per_image} --repeats {args.repeats}"
         + (f" --nodes {args.nodes}" if args.nodes > 1 else "")
+        + (" --pin-nodes" if args.pin_nodes else "")
         + (" --tuned" if args.tuned else ""))
     text = report(args, results, load, cmd)
     print(text)

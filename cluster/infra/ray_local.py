@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,12 +161,19 @@ def up(
     dashboard_port: int | None = 8265,
     timeout_s: float = 120.0,
     extras: Callable[[str], HeadExtras] | None = None,
+    cpu_sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Start the local cluster (idempotent); ``nodes`` > 1 adds worker raylets on this host.
 
-    ``extras`` gets the GCS address and returns what the head needs besides (an autoscaler)."""
+    ``extras`` gets the GCS address and returns what the head needs besides (an autoscaler).
+    ``cpu_sets``, one per node, head first, in taskset's form ("0", "2-3"): each node's Ray
+    processes, and every worker it starts, run on those cores only, so that the raylets of one
+    machine stand for nodes with cores of their own (bench/bench_score.py --pin-nodes)."""
     if nodes < 1:
         raise ConfigError("--nodes must be at least 1")
+    if cpu_sets is not None and len(cpu_sets) != nodes:
+        raise ConfigError(f"cpu_sets names {len(cpu_sets)} CPU set(s) for {nodes} node(s)")
+    pinned = _pinning(cpu_sets)
     current = status()
     if current.get("running"):
         return current
@@ -217,8 +225,8 @@ def up(
             ray_env.update(more.env)
             cfg.update(more.record)
             write_private(_ray_dir() / "cluster.json", json.dumps(cfg, indent=2))
-        _start_head(head, ray_env, cfg)
-        for _ in range(nodes - 1):
+        _start_head(pinned(0) + head, ray_env, cfg)
+        for i in range(1, nodes):
             worker = [
                 _ray_binary(),
                 "start",
@@ -229,12 +237,22 @@ def up(
             ]
             if num_gpus is not None:
                 worker.append(f"--num-gpus={num_gpus}")
-            _run_ray(worker, ray_env)
+            _run_ray(pinned(i) + worker, ray_env)
         _wait_nodes(cfg["dashboard_url"], nodes, timeout_s)
     except BaseException:
         down()
         raise
     return status()
+
+
+def _pinning(cpu_sets: Sequence[str] | None) -> Callable[[int], list[str]]:
+    """The argv prefix that runs node i's ``ray start`` on its CPU set ([] when unpinned)."""
+    if cpu_sets is None:
+        return lambda i: []
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise ConfigError("pinning nodes to CPUs needs `taskset` (Debian: util-linux)")
+    return lambda i: [taskset, "-c", cpu_sets[i]]
 
 
 def _start_head(cmd: list[str], env: dict[str, str], cfg: dict[str, Any], tries: int = 3) -> None:

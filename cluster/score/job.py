@@ -293,8 +293,7 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
                              start),
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(2, len(pending))),
-        num_cpus=_READER_CPUS,
+        **_reader_pool(ray, size.actors, len(pending)),
     )
     scored = rows.map_batches(
         ScorerActor,
@@ -308,6 +307,20 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
     )
     _write_as_completed(lake, attempt,
                         scored.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def _reader_pool(ray: Any, scorers: int, shards: int) -> dict[str, Any]:
+    """The shard readers' pool: up to 2 readers (0 CPUs), started as they are needed for one
+    scorer; for several scorers (one per node on CPUs) both from the start and on different
+    nodes. Ray Data hands a block to a scorer on the node that holds it first, so readers on
+    one node alone kept that node's scorer busy and left the others waiting (BENCHMARKS.md,
+    "Scoring with default flags on 2 nodes with cores of their own")."""
+    readers = min(2, shards)
+    if scorers == 1:
+        return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=readers),
+                "num_cpus": _READER_CPUS}
+    return {"compute": ray.data.ActorPoolStrategy(size=readers), "num_cpus": _READER_CPUS,
+            "scheduling_strategy": "SPREAD"}
 
 
 def _write_as_completed(lake: Lake, attempt: Attempt, batches: Iterable[pa.Table]) -> None:
