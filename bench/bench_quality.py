@@ -10,7 +10,9 @@ Parts:
 - ``variants``: the defaults and the variants tried, in-process at 28 px over the seeds, with
   the test numbers computed as training and a report would (calibration and the Youden point
   on validation), and for the same models with the class-balanced bias
-  (``--calibration-form temperature+balanced-bias``).
+  (``--calibration-form temperature+balanced-bias``). Some variants probe training-loop
+  ideas medray does not have (``LOOP_PROBES``: a weight average, mixup, an ensemble), marked
+  "not in medray".
 - ``seeds``: the defaults on PneumoniaMNIST over seeds 0, 1, 2 through the real CLI (stage,
   train, score the test split, report): test AUROC, test ECE before and after calibration,
   sensitivity and specificity at the Youden point chosen on validation, with the times.
