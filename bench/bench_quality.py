@@ -278,9 +278,8 @@ def part_variants(out: dict[str, Any], seeds: list[int], save: Any, size: int = 
             started = time.perf_counter()
             loop = dict(LOOP_PROBES.get(name, {}))
             members = int(loop.pop("ensemble", 1))
-            trained = [train_in_process(d, size, True, members * seed + k if members > 1
-                                        else seed, build, **loop, **flags)
-                       for k in range(members)]
+            trained = [train_in_process(d, size, True, members * seed + k, build, **loop,
+                                        **flags) for k in range(members)]
             model = trained[0][1] if members == 1 else Averaged([m for _, m in trained])
             runs.append({"seed": seed, "seconds": time.perf_counter() - started,
                          "epochs_run": len(trained[0][0]), **test_numbers(model, d)})
