@@ -153,7 +153,7 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
     rng = np.random.default_rng(seed)
     probe_rng = np.random.default_rng(seed + 1000)
     weights = model.trainable_variables
-    average = [w.numpy().copy() for w in weights]
+    average = [w.numpy().copy() for w in weights] if ema else []
     rows: list[dict[str, float]] = []
     state = tr.new_state()
     best = model.get_weights()

@@ -293,7 +293,7 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
                              start),
         batch_size=1,
         batch_format="numpy",
-        **_reader_pool(ray, size.actors, len(pending)),
+        **_reader_pool(size.actors, len(pending)),
     )
     scored = rows.map_batches(
         ScorerActor,
@@ -309,12 +309,14 @@ def _score_shards(lake: Lake, attempt: Attempt) -> None:
                         scored.iter_batches(batch_format="pyarrow", batch_size=None))
 
 
-def _reader_pool(ray: Any, scorers: int, shards: int) -> dict[str, Any]:
+def _reader_pool(scorers: int, shards: int) -> dict[str, Any]:
     """The shard readers' pool: up to 2 readers (0 CPUs), started as they are needed for one
     scorer; for several scorers (one per node on CPUs) both from the start and on different
     nodes. Ray Data hands a block to a scorer on the node that holds it first, so readers on
     one node alone kept that node's scorer busy and left the others waiting (BENCHMARKS.md,
     "Scoring with default flags on 2 nodes with cores of their own")."""
+    import ray
+
     readers = min(2, shards)
     if scorers == 1:
         return {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=readers),

@@ -280,13 +280,11 @@ def test_start_run_adds_an_attempt_to_a_resumed_run(lake):
 
 
 def test_several_scorers_get_both_readers_from_the_start_on_different_nodes():
-    import ray.data
-
-    one = job._reader_pool(ray, scorers=1, shards=5)
+    one = job._reader_pool(scorers=1, shards=5)
     assert (one["compute"].min_size, one["compute"].max_size) == (1, 2)
     assert "scheduling_strategy" not in one
-    several = job._reader_pool(ray, scorers=2, shards=5)
+    several = job._reader_pool(scorers=2, shards=5)
     assert (several["compute"].min_size, several["compute"].max_size) == (2, 2)
     assert several["scheduling_strategy"] == "SPREAD"
-    assert job._reader_pool(ray, scorers=2, shards=1)["compute"].max_size == 1
+    assert job._reader_pool(scorers=2, shards=1)["compute"].max_size == 1
     assert one["num_cpus"] == several["num_cpus"] == 0
