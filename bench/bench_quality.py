@@ -55,6 +55,7 @@ GOALS = {"auroc": 0.96, "ece": 0.05, "rate": 0.85}
 # keywords beyond the spec's)
 VARIANTS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
     ("defaults", {}, {}), ("--no-augment", {"augment": False}, {}),
+    ("--augment-recipe light", {"augment_recipe": "light"}, {}),
     ("flip, crop 0.1, rotation 0.03, brightness 0.1 (--augment before 2026-12-01)", {},
      {"augment": "flip,crop=0.1,rotation=0.03,brightness=0.1"}),
     ("--learning-rate 1e-3", {"learning_rate": 1e-3}, {}),
@@ -134,7 +135,7 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
     from medray.workers.models import build_model, parse_augment
     from medray.workers.specs import TrainSpec
 
-    spec = TrainSpec(dataset="d", model="m", seed=seed, **flags)
+    spec = TrainSpec(dataset="d", model="m", seed=seed, **flags).for_images(size)
     keras.utils.set_random_seed(seed)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     counts = {lab: int(d["train_y"][:, j].sum()) for j, lab in enumerate(LABELS)}
@@ -203,20 +204,15 @@ def train_in_process(d: dict[str, np.ndarray], size: int, fixed: bool, seed: int
     return rows, model
 
 
-def _default_form() -> str:
-    from medray.workers.specs import TrainSpec
-
-    return str(TrainSpec.model_fields["calibration_form"].default)
-
-
 def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
-    """What training registers and a report measures, in-process: calibration (the default
-    form, ``TrainSpec``'s) and the Youden point on validation, then the pneumonia label on
-    test; and the same model calibrated with the class-balanced bias (``--calibration-form
-    temperature+balanced-bias``), which costs no training."""
+    """What training registers and a report measures, in-process: calibration with the
+    temperature alone and the Youden point on validation, then the pneumonia label on test;
+    and the same model calibrated with the class-balanced bias (``--calibration-form
+    temperature+balanced-bias``, the default after a recipe that crops 0.15 or more), which
+    costs no training."""
     from medray.workers import metrics
     from medray.workers import training as tr
-    from medray.workers.calibration import BALANCED, apply_card
+    from medray.workers.calibration import BALANCED, TEMPERATURE, apply_card
     from medray.workers.operating_points import parse
     from medray.workers.validation import summarise
 
@@ -241,7 +237,7 @@ def test_numbers(model: Any, d: dict[str, np.ndarray]) -> dict[str, Any]:
                 "sensitivity": at["sensitivity"], "specificity": at["specificity"]}
 
     balanced = on_test(BALANCED)
-    return {**on_test(_default_form()),
+    return {**on_test(TEMPERATURE),
             "ece_raw": metrics.calibration(y, raw[:, 1])["ece"],
             "val_ece_balanced": balanced["val_ece"], "ece_balanced": balanced["ece"]}
 
@@ -355,6 +351,7 @@ def part_seeds(env: dict[str, str], lake: Path, out: dict[str, Any], seeds: list
             "epochs_run": card["metrics"]["epochs_run"],
             "temperature": card["calibration"]["temperature"]["pneumonia"],
             "form": (card["calibration"].get("form") or {}).get("pneumonia"),
+            "recipe": card["hyperparameters"].get("augment_recipe"),
             "bias": (card["calibration"].get("bias") or {}).get("pneumonia"),
             "val_ece_before": trained["val_ece_before"],
             "val_ece_after": trained["val_ece_after"], "history": card["metrics"]["history"]}
@@ -401,6 +398,8 @@ def part_xray(env: dict[str, str], lake: Path, work: Path, out: dict[str, Any],
         medray(env, "report", scored["run_id"], "--lake", str(lake))
         out.setdefault("xray", []).append({
             "name": name, "size": size, "flags": " ".join(flags), "train_s": wall,
+            "recipe": card["hyperparameters"].get("augment_recipe"),
+            "form": (card["calibration"].get("form") or {}).get("pneumonia"),
             "stage_s": staged[size], "epochs_run": card["metrics"]["epochs_run"],
             "best_epoch": card["metrics"]["best_epoch"],
             "epoch_s": float(np.median([h["seconds"] for h in card["metrics"]["history"]])),
@@ -490,11 +489,13 @@ def _variants_table(args: argparse.Namespace, variants: dict[str, list[dict[str,
              "early stopping, calibration and the Youden point on validation; seeds "
              f"{args.seeds}; PneumoniaMNIST {size} px"
              f"{', resized from 28 px' if size != 28 else ''}, test split); median (min-max) "
-             "over seeds. Calibration as training fits it by default (`--calibration-form "
-             f"{_default_form()}`), and, for the same models, the class-balanced bias "
-             "(`--calibration-form temperature+balanced-bias`; for two classes every form "
+             "over seeds. Calibration with the temperature alone (`--calibration-form "
+             "temperature`), and, for the same models, the class-balanced bias "
+             "(`--calibration-form temperature+balanced-bias`, the default after a recipe "
+             "that crops 0.15 or more, `strong`); for two classes every form "
              "is monotone in the raw score, so sensitivity and specificity are the "
-             "same):", "",
+             "same. \"defaults\" is `--augment-recipe auto`: `strong` below 128 px, `light` "
+             "from 128 px:", "",
              "| settings | test AUROC | test ECE raw | val ECE calibrated | test ECE "
              "calibrated | sensitivity | specificity | mean calibrated score (test "
              "prevalence 0.625) | balanced bias: val ECE | balanced bias: test ECE | "

@@ -186,7 +186,7 @@ def train(
     run_id: str = spec_option(TrainSpec, "run_id"),
     seed: int = spec_option(TrainSpec, "seed"),
     calibrate: bool = spec_option(TrainSpec, "calibrate"),
-    calibration_form: str = spec_option(TrainSpec, "calibration_form"),
+    calibration_form: str | None = spec_option(TrainSpec, "calibration_form"),
     operating_point: str = spec_option(TrainSpec, "operating_point"),
     intended_use: str = spec_option(TrainSpec, "intended_use"),
     out_of_scope: str = spec_option(TrainSpec, "out_of_scope"),

@@ -46,10 +46,11 @@ class Augment:
     ``crop`` is the largest zoom-in (a random crop of up to that fraction, resized back),
     ``rotation`` a fraction of a full turn, ``brightness`` a fraction of the 0-255 range.
 
-    The preset (training's default in full mode, ``PRESETS["light"]``) is light and has no
-    flip: a chest X-ray's left and right are anatomy (the heart's side). On PneumoniaMNIST it
-    ranked, calibrated and kept specificity best together of the settings measured (the preset
-    before it was flip, crop 0.1, rotation 0.03; BENCHMARKS.md, "Quality").
+    The default instance is ``PRESETS["light"]``, training's recipe from 128 px (``AUTO``);
+    it has no flip: a chest X-ray's left and right are anatomy (the heart's side). On
+    PneumoniaMNIST it ranked, calibrated and kept specificity best together of the light
+    settings measured (the preset before it was flip, crop 0.1, rotation 0.03; BENCHMARKS.md,
+    "Quality").
     """
 
     flip: bool = False
@@ -65,8 +66,17 @@ class Augment:
 # --augment by name. "strong" is the recipe that met all four of issue 15's quality goals on
 # PneumoniaMNIST at 28 px, with --calibration-form temperature+balanced-bias (it makes the model
 # score clean images lower, a shift the balanced bias undoes); at 224 px it trained worse than
-# the light preset (BENCHMARKS.md, "Quality"), which is why it is not the default.
+# the light preset (BENCHMARKS.md, "Quality").
 PRESETS = {"light": Augment(), "strong": Augment(crop=0.25, rotation=0.08, brightness=0.3)}
+# --augment-recipe auto (the default) is a preset by the images' side: below STRONG_BELOW_PX
+# "strong", which at 28 and 64 px ranked as well as "light" and kept more normal test images
+# under the validation threshold; from it on "light", which ranked better at 224 px
+# (BENCHMARKS.md, "Quality"; small_cnn from scratch on PneumoniaMNIST).
+AUTO = "auto"
+STRONG_BELOW_PX = 128
+# a crop of at least this much makes a model score clean images lower (a shift a temperature
+# cannot undo): its default calibration is the class-balanced bias (workers/calibration.py)
+SHIFTING_CROP = 0.15
 _AUG_ALIASES = {"rotate": "rotation", "zoom": "crop", "flips": "flip"}
 _ON = ("1", "true", "yes", "on", "default")
 _OFF = ("", "0", "false", "no", "none", "off")
@@ -86,6 +96,9 @@ def parse_augment(value: bool | str | None) -> Augment | None:
         return Augment()
     if text in PRESETS:
         return PRESETS[text]
+    if text == AUTO:  # a spec resolves it before anything builds layers
+        raise ConfigError("--augment-recipe auto is chosen by the images' side: resolve it "
+                          "with recipe_for(recipe, image_size) first")
     chosen: dict[str, Any] = {"flip": False, "crop": 0.0, "rotation": 0.0, "brightness": 0.0}
     defaults = Augment()
     for part in text.split(","):
@@ -93,7 +106,7 @@ def parse_augment(value: bool | str | None) -> Augment | None:
         name = _AUG_ALIASES.get(name, name)
         if name not in chosen:
             raise ConfigError(f"--augment-recipe: unknown transform or preset {name!r}; use "
-                              f"{' or '.join(PRESETS)}, or a list of flip, crop, rotation, "
+                              f"{', '.join((AUTO, *PRESETS))}, or a list of flip, crop, rotation, "
                               "brightness (e.g. crop=0.25,rotation=0.02)")
         if name == "flip":
             chosen["flip"] = amount.strip() not in ("0", "false", "no", "off")
@@ -109,15 +122,31 @@ def parse_augment(value: bool | str | None) -> Augment | None:
 
 
 def canonical_augment(recipe: str) -> str:
-    """What a spec records for ``--augment-recipe``: a preset's name, or the list written out in
-    full (``flip=false,crop=0.25,...``). ConfigError for what ``parse_augment`` refuses, and for
-    a recipe of no transforms (that is ``--no-augment``)."""
+    """What a spec records for ``--augment-recipe``: ``auto``, a preset's name, or the list
+    written out in full (``flip=false,crop=0.25,...``). ConfigError for what ``parse_augment``
+    refuses, and for a recipe of no transforms (that is ``--no-augment``)."""
+    if recipe.strip().lower() == AUTO:
+        return AUTO
     chosen = parse_augment(recipe)
     if chosen is None or chosen == Augment(flip=False, crop=0.0, rotation=0.0, brightness=0.0):
         raise ConfigError(f"--augment-recipe {recipe!r} turns every transform off: use "
                           "--no-augment")
     named = [name for name, preset in PRESETS.items() if preset == chosen]
     return named[0] if named else chosen.describe()
+
+
+def recipe_for(recipe: str, image_size: int) -> str:
+    """The recipe a training on images of ``image_size`` px uses: ``auto`` becomes a preset by
+    the side (``STRONG_BELOW_PX``), any other recipe stays as given."""
+    if recipe != AUTO:
+        return recipe
+    return "strong" if image_size < STRONG_BELOW_PX else "light"
+
+
+def shifts_scores(recipe: str) -> bool:
+    """Whether a (resolved) recipe crops enough to lower a model's scores on clean images."""
+    chosen = parse_augment(recipe)
+    return chosen is not None and chosen.crop >= SHIFTING_CROP
 
 
 def _augment_layers(keras: Any, aug: Augment, seed: int) -> list[Any]:

@@ -209,11 +209,11 @@ class TrainSpec(JobSpec):
         "off in head mode, which trains on cached backbone features).",
     )
     augment_recipe: str = Field(
-        default="light",
-        description="What --augment does: light (small crops, rotations and brightness "
-        "changes), strong (crop 0.25, rotation 0.08, brightness 0.3: for small images, with "
-        "--calibration-form temperature+balanced-bias), or a list such as "
-        "crop=0.25,rotation=0.02 (only the transforms named).",
+        default="auto",
+        description="What --augment does: auto (strong below 128 px, light from 128 px), "
+        "light (small crops, rotations and brightness changes), strong (crop 0.25, rotation "
+        "0.08, brightness 0.3), or a list such as crop=0.25,rotation=0.02 (only the transforms "
+        "named).",
     )
     class_weights: Literal["auto", "none"] = Field(default="auto", description="auto|none")
     patience: int = Field(default=4, ge=1, description="Early-stopping patience in epochs.")
@@ -226,8 +226,10 @@ class TrainSpec(JobSpec):
         default=True, description="Fit temperature scaling on validation (scores calibrated)."
     )
     calibration_form: Literal["temperature", "temperature+bias", "temperature+balanced-bias",
-                              "auto"] = Field(
-        default="temperature",
+                              "auto"] | None = Field(
+        default=None,
+        json_schema_extra={"default_shown": "temperature+balanced-bias after a recipe that "
+                           "crops 0.15 or more (strong), else temperature"},
         description="temperature: one temperature (validation's prevalence stays out of the "
         "scores); temperature+bias: a bias per class/label too, for validation drawn like the "
         "data to score; temperature+balanced-bias: that bias fitted with the classes weighted "
@@ -281,10 +283,24 @@ class TrainSpec(JobSpec):
 
     @model_validator(mode="after")
     def _recipe_needs_augment(self) -> TrainSpec:
-        if not self.augment and self.augment_recipe != "light":
+        if not self.augment and self.augment_recipe not in ("auto", "light"):
             raise ValueError(f"--augment-recipe {self.augment_recipe} with --no-augment: give "
                              "one of them")
         return self
+
+    def for_images(self, image_size: int) -> TrainSpec:
+        """The spec as a training on images of ``image_size`` px runs it, so that every record
+        of it (spec.json, resume checks, the card) holds what was used: ``--augment-recipe
+        auto`` becomes a preset by the side (``models.recipe_for``), and an unset
+        ``--calibration-form`` the class-balanced bias after a recipe whose crop lowers the
+        scores of clean images (``models.shifts_scores``), else the temperature alone."""
+        from medray.workers.calibration import BALANCED, TEMPERATURE
+        from medray.workers.models import recipe_for, shifts_scores
+
+        recipe = recipe_for(self.augment_recipe, image_size) if self.augment else "light"
+        form = self.calibration_form or (
+            BALANCED if self.augment and shifts_scores(recipe) else TEMPERATURE)
+        return self.model_copy(update={"augment_recipe": recipe, "calibration_form": form})
 
     @field_validator("operating_point")
     @classmethod

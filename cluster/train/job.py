@@ -56,6 +56,7 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     name, version, manifest = catalog.resolve(lake, spec.dataset)
     facts = DatasetFacts.from_manifest(name, version, manifest)
+    spec = _for_images(spec, facts.image_size)
     precheck.check(spec, lake)
     train_id, has_checkpoints = checkpoints.choose_training(lake, spec, ctx.job_id)
     log.info("training id %s (continue it with --resume --run-id %s)", train_id, train_id)
@@ -91,6 +92,20 @@ def run(spec: TrainSpec, lake: Lake, ctx: JobContext) -> dict[str, Any]:
     if held is not None:  # for the job's usage (jobs/entry.py), not the CLI
         result["driver_held"] = held.usage()
     return result
+
+
+def _for_images(spec: TrainSpec, image_size: int) -> TrainSpec:
+    """The spec with the defaults that depend on the images resolved (``TrainSpec.for_images``),
+    logged where they were left to medray."""
+    resolved = spec.for_images(image_size)
+    if spec.augment and spec.augment_recipe != resolved.augment_recipe:
+        log.info("augmentation: %s (--augment-recipe auto, for %d px images)",
+                 resolved.augment_recipe, image_size)
+    if spec.calibrate and spec.calibration_form is None:
+        after = f"the {resolved.augment_recipe} recipe" if spec.augment else "no augmentation"
+        log.info("calibration form: %s (the default after %s)", resolved.calibration_form,
+                 after)
+    return resolved
 
 
 def _training_data(facts: DatasetFacts, rows: data.RowCounts) -> dict[str, Any]:

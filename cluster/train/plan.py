@@ -83,3 +83,12 @@ class TrainPlan:
     @property
     def augment(self) -> Augment | None:
         return parse_augment(self.spec.augment_recipe) if self.spec.augment else None
+
+    @property
+    def calibration_form(self) -> str:
+        """The form training fits on validation: the spec's, which the job resolved for the
+        dataset's images (``TrainSpec.for_images``) before planning."""
+        if self.spec.calibration_form is None:
+            raise RuntimeError("a training plan needs its spec resolved for the images "
+                              "(TrainSpec.for_images): no calibration form")
+        return self.spec.calibration_form

@@ -277,7 +277,7 @@ def _finalise(lake: Lake, plan: TrainPlan, val: data.SplitRows, model: Any,
     found = validation.summarise(y, scores, units, plan.data.labels, plan.data.multi_label,
                                  plan.val_split, parse(plan.spec.operating_point),
                                  calibrate=plan.spec.calibrate,
-                                 form=plan.spec.calibration_form)
+                                 form=plan.calibration_form)
     full = model
     if plan.cached:  # the head was trained alone: put it on the backbone it was fed by
         full, _ = initial_model(lake, plan.init, plan.shape)

@@ -324,8 +324,9 @@ def test_imagenet_without_network_is_a_fast_clear_error(lake, p32):
 def test_card_has_calibration_operating_points_and_inference_matches_training(lake, pneu,
                                                                              tmp_path):
     """Through `medray train`: BatchNorm statistics re-estimated every epoch (the registered
-    model's inference-mode features match its training-mode ones), temperature scaling and
-    the operating points fitted on validation, validation metrics with intervals, the
+    model's inference-mode features match its training-mode ones), the defaults for 28 px
+    images (the strong recipe, and temperature scaling with a class-balanced bias) and the
+    operating points fitted on validation, validation metrics with intervals, the
     intended use from flags and a card file, and a card that validates against its schema."""
     import jsonschema
     import keras
@@ -344,6 +345,10 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert re.search(r"calibration on val: temperature \{'normal': '[\d.]+', 'pneumonia'",
                      proc.stderr)
+    # --augment-recipe auto and the unset form, resolved for the dataset's 28 px and said so
+    assert "augmentation: strong (--augment-recipe auto, for 28 px images)" in proc.stderr
+    assert ("calibration form: temperature+balanced-bias (the default after the strong "
+            "recipe)") in proc.stderr
     assert res["val_ece_before"] is not None and res["val_ece_after"] is not None
     card = _card(lake, "trust", res["version"])
     jsonschema.validate(card, SCHEMA)
@@ -368,7 +373,8 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     # scores); BatchNorm's agreement is measured on the plain images, below them
     assert {"aug_crop", "aug_rotate", "aug_brightness"} <= {ly.name for ly in model.layers}
     assert card["hyperparameters"]["augment"] is True
-    assert card["hyperparameters"]["augment_recipe"] == "light"
+    assert card["hyperparameters"]["augment_recipe"] == "strong"
+    assert tuple(model.get_layer("aug_crop").get_config()["height_factor"]) == (-0.25, 0.0)
     last_aug = [ly for ly in model.layers if ly.name.startswith("aug_")][-1]
     feats = keras.Model(last_aug.output, model.get_layer("features").output)
     trained = np.asarray(feats(x_train, training=True))
@@ -376,17 +382,28 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
     # before the fix: 0.9 on the same measure (tests/unit/test_training_unit.py)
     assert np.abs(trained - served).mean() / np.abs(trained).mean() < 0.1
 
-    # calibration: one temperature (softmax), fitted on val, never worse in likelihood
+    # calibration: one temperature (softmax) and a bias, fitted on val with both classes
+    # weighted equally, never worse than the raw scores in that weighted likelihood
     cal = card["calibration"]
     assert cal["fitted_on"] == "val" and cal["images"] == len(rows["val"])
     assert cal["temperature"]["normal"] == cal["temperature"]["pneumonia"] > 0
-    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
-
-    # the operating points hit what they promise on validation, recomputed here
+    assert cal["asked"] == calibration.BALANCED
+    assert cal["form"] == {"normal": calibration.BALANCED, "pneumonia": calibration.BALANCED}
     x_val = np.stack([r[0] for r in rows["val"]]).astype(np.float32)
     y_val = np.array([r[1] for r in rows["val"]])
     raw = np.asarray(model(x_val, training=False))
-    scores = calibration.apply_card(raw, cal, ["normal", "pneumonia"], False)[:, 1]
+    calibrated = calibration.apply_card(raw, cal, ["normal", "pneumonia"], False)
+    onehot = np.eye(2)[y_val.astype(int)]
+    weights = calibration.balanced_weights(onehot)
+
+    def weighted_nll(p: np.ndarray) -> float:
+        return float(np.average(-np.log(np.clip((p * onehot).sum(axis=1), 1e-12, 1)),
+                                weights=weights))
+
+    assert weighted_nll(calibrated) <= weighted_nll(raw) + 1e-6
+
+    # the operating points hit what they promise on validation, recomputed here
+    scores = calibrated[:, 1]
     points = {(p["label"], p["rule"]): p for p in card["operating_points"]}
     assert set(points) == {("normal", "youden"), ("pneumonia", "youden"),
                            ("pneumonia", "sensitivity=0.9")}

@@ -276,9 +276,10 @@ def test_the_train_spec_offers_every_form_and_only_those():
 
     from medray.workers.specs import TrainSpec
 
-    offered = typing.get_args(TrainSpec.model_fields["calibration_form"].annotation)
-    assert set(offered) == set(calibration.FORMS)
-    assert TrainSpec.model_fields["calibration_form"].default == calibration.TEMPERATURE
+    literal, none = typing.get_args(TrainSpec.model_fields["calibration_form"].annotation)
+    assert set(typing.get_args(literal)) == set(calibration.FORMS) and none is type(None)
+    # unset: chosen by the recipe when the images' side is known (test_specs.py)
+    assert TrainSpec.model_fields["calibration_form"].default is None
 
 
 # ------------------------------------------------------------------------------ ECE

@@ -18,11 +18,14 @@ from medray.workers.models import (
     backbone_of,
     build_head,
     build_model,
+    canonical_augment,
     check_arch,
     feature_extractor,
     freeze_backbone,
     parse_augment,
+    recipe_for,
     set_head,
+    shifts_scores,
     transfer_weights,
 )
 
@@ -100,6 +103,22 @@ def test_parse_augment_forms():
         parse_augment("crop=0.9")
     assert parse_augment("light") == Augment()
     assert parse_augment(" Strong ") == Augment(crop=0.25, rotation=0.08, brightness=0.3)
+    # auto needs the images' side: a spec resolves it (recipe_for) before layers are built
+    with pytest.raises(ConfigError, match="chosen by the images' side"):
+        parse_augment("auto")
+
+
+def test_auto_is_strong_below_128_px_and_light_from_there():
+    assert [recipe_for("auto", px) for px in (8, 28, 64, 127, 128, 224, 512)] == \
+        ["strong"] * 4 + ["light"] * 3
+    assert recipe_for("light", 28) == "light" and recipe_for("strong", 224) == "strong"
+    assert canonical_augment("AUTO") == "auto"
+
+
+def test_a_crop_of_015_or_more_shifts_the_scores():
+    assert shifts_scores("strong") and shifts_scores("crop=0.15")
+    assert not shifts_scores("light") and not shifts_scores("crop=0.1,brightness=0.3")
+    assert not shifts_scores("rotation=0.3")
 
 
 

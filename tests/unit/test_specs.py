@@ -40,7 +40,8 @@ def test_a_train_spec_records_one_spelling_per_recipe_and_turns_augmentation_on_
         assert isinstance(built, TrainSpec)
         return built
 
-    assert (spec().augment, spec().augment_recipe) == (True, "light")
+    assert (spec().augment, spec().augment_recipe) == (True, "auto")
+    assert spec(augment_recipe=" Auto ").augment_recipe == "auto"
     # the preset written out, or by another name, is the preset
     assert spec(augment_recipe="crop=0.05,rotation=0.02,brightness=0.1").augment_recipe == "light"
     assert spec(augment_recipe="STRONG").augment_recipe == "strong"
@@ -56,6 +57,40 @@ def test_a_train_spec_records_one_spelling_per_recipe_and_turns_augmentation_on_
         spec(augment_recipe="none")
     with pytest.raises(ConfigError, match="unknown transform or preset 'blur'"):
         spec(augment_recipe="crop,blur")
+
+
+@pytest.mark.parametrize(
+    ("values", "size", "recipe", "form"),
+    [
+        # the defaults: strong below 128 px, with the balanced bias its crop needs
+        ({}, 28, "strong", "temperature+balanced-bias"),
+        ({}, 127, "strong", "temperature+balanced-bias"),
+        ({}, 128, "light", "temperature"),
+        ({}, 224, "light", "temperature"),
+        # a form asked for is kept, whatever the recipe
+        ({"calibration_form": "temperature"}, 28, "strong", "temperature"),
+        ({"calibration_form": "auto"}, 224, "light", "auto"),
+        # a recipe asked for is kept at every size; a crop of 0.15 or more gets the bias
+        ({"augment_recipe": "light"}, 28, "light", "temperature"),
+        ({"augment_recipe": "strong"}, 224, "strong", "temperature+balanced-bias"),
+        ({"augment_recipe": "crop=0.15"}, 64, "flip=false,crop=0.15,rotation=0,brightness=0",
+         "temperature+balanced-bias"),
+        ({"augment_recipe": "crop=0.1,brightness=0.3"}, 28,
+         "flip=false,crop=0.1,rotation=0,brightness=0.3", "temperature"),
+        # no augmentation (asked, or head mode's default): no recipe, the temperature alone
+        ({"augment": False}, 28, "light", "temperature"),
+        ({"mode": "head"}, 28, "light", "temperature"),
+    ],
+)
+def test_a_train_spec_resolves_its_recipe_and_calibration_form_by_the_images_side(
+        values, size, recipe, form):
+    built = build_spec("train", {"dataset": "d", "model": "m", **values})
+    assert isinstance(built, TrainSpec)
+    resolved = built.for_images(size)
+    assert (resolved.augment_recipe, resolved.calibration_form) == (recipe, form)
+    # resolved once, it stays: what spec.json records is what a resumed training compares
+    assert resolved.for_images(size) == resolved
+    assert TrainSpec.model_validate(resolved.model_dump()) == resolved
 
 
 def test_spec_is_frozen():

@@ -524,6 +524,12 @@ def test_the_plan_travels_whole_to_the_workers():
     strong = replace(plan, spec=spec.model_copy(update={"augment": True,
                                                         "augment_recipe": "strong"}))
     assert strong.augment == PRESETS["strong"]
+    # the calibration form the workers fit is the one the job resolved for the images
+    with pytest.raises(RuntimeError, match="resolved for the images"):
+        _ = plan.calibration_form
+    assert replace(plan, spec=spec.for_images(32)).calibration_form == "temperature"
+    assert replace(strong, spec=strong.spec.for_images(32)).calibration_form == \
+        "temperature+balanced-bias"
     # spec.json: every spec field, the dataset reference resolved, and the dataset's facts
     described = facts.describe(spec)
     assert described == {**spec.model_dump(), "dataset": "d", "dataset_version": 2,
