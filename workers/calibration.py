@@ -4,12 +4,13 @@ that a score of 0.8 means about 80% positives. One temperature for a softmax mod
 share one scale) with one bias per class; one temperature and one bias per label for a sigmoid
 model (each label is its own binary classifier; with the bias this is Platt scaling).
 
-Four forms, chosen by the user (``--calibration-form``):
+Four forms, chosen by the user (``--calibration-form``); unset, the training's recipe chooses
+(``TrainSpec.for_images``: the balanced bias after a crop of 0.15 or more, else the temperature):
 
-- ``temperature`` (the default): a temperature alone. It cannot move the decision boundary, so
-  the validation split's prevalence stays out of the scores; on PneumoniaMNIST, whose test split
-  is drawn unlike its validation split (62.5% against 74% positives), it gives the lower test
-  ECE for the default model (BENCHMARKS.md, "Quality").
+- ``temperature``: a temperature alone. It cannot move the decision boundary, so the validation
+  split's prevalence stays out of the scores; on PneumoniaMNIST, whose test split is drawn
+  unlike its validation split (62.5% against 74% positives), it gives the lower test ECE for a
+  model trained with light augmentation (BENCHMARKS.md, "Quality").
 - ``temperature+bias``: a bias beside the temperature. A bias can undo what a temperature
   cannot (class weights that train on balanced classes, augmentation that shifts the inputs),
   and it also carries the validation split's prevalence into every score: right when validation
@@ -19,7 +20,8 @@ Four forms, chosen by the user (``--calibration-form``):
   undoes a shift of the model's (stronger augmentation makes a model score clean images lower)
   and keeps validation's prevalence out: the scores are probabilities at equal class priors,
   the prior that training's class weights aim at. On PneumoniaMNIST it calibrated a model
-  trained with strong augmentation where the other forms did not (BENCHMARKS.md, "Quality").
+  trained with strong augmentation (the default under 128 px) where the other forms did not
+  (BENCHMARKS.md, "Quality").
 - ``auto``: the bias only where 2-fold cross-fitting on validation (fit on one half, negative
   log-likelihood on the other, both ways round) says it saves more than ``MARGIN_NATS`` per
   bias parameter. Cross-fitting judges fit to validation, so it cannot see a prevalence shift
@@ -57,11 +59,14 @@ CARD_FORMS = (TEMPERATURE, WITH_BIAS, BALANCED)  # the forms a card may hold
 AUTO = "auto"  # a request, not a form: the form chosen by cross-fitting
 FORMS = (*CARD_FORMS, AUTO)  # what --calibration-form accepts
 BIASED = (WITH_BIAS, BALANCED)  # the forms with a bias
-SELECTION = {  # the rule that gave each label its form, in words, by what was asked
-    TEMPERATURE: "asked for: temperature alone",
-    WITH_BIAS: "asked for: temperature and bias (temperature alone where a bias cannot be fitted)",
-    BALANCED: "asked for: temperature and bias with the classes weighted equally (temperature "
-              "alone where a bias cannot be fitted)",
+# the rule that gave each label its form, in words, by the training's form (given with
+# --calibration-form, or the default for its recipe: TrainSpec.for_images)
+SELECTION = {
+    TEMPERATURE: "the training's form: temperature alone",
+    WITH_BIAS: "the training's form: temperature and bias (temperature alone where a bias "
+               "cannot be fitted)",
+    BALANCED: "the training's form: temperature and bias with the classes weighted equally "
+              "(temperature alone where a bias cannot be fitted)",
     AUTO: "2-fold cross-fitted NLL on the calibration split: the bias is kept when it lowers "
           "the summed held-out NLL by more than 2 nats per bias parameter"}
 FOLDS = 2
