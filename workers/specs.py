@@ -228,8 +228,8 @@ class TrainSpec(JobSpec):
     calibration_form: Literal["temperature", "temperature+bias", "temperature+balanced-bias",
                               "auto"] | None = Field(
         default=None,
-        json_schema_extra={"default_shown": "temperature+balanced-bias after a recipe that "
-                           "crops 0.15 or more (strong), else temperature"},
+        json_schema_extra={"default_shown": "temperature+balanced-bias after strong or "
+                           "another recipe that crops 0.15 or more, else temperature"},
         description="temperature: one temperature (validation's prevalence stays out of the "
         "scores); temperature+bias: a bias per class/label too, for validation drawn like the "
         "data to score; temperature+balanced-bias: that bias fitted with the classes weighted "
