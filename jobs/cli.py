@@ -215,6 +215,7 @@ def train(
         ("training id", res.get("training_id")),
         ("validation mean AUROC", metrics.get("val_mean_auroc")),
         ("best epoch", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')}"),
+        ("augmentation", res.get("augmentation")),
         ("validation ECE before calibration", res.get("val_ece_before")),
         ("validation ECE after calibration", res.get("val_ece_after")),
         ("calibration", describe(res.get("calibration"))),

@@ -305,6 +305,8 @@ def _register(lake: Lake, plan: TrainPlan, final: dict[str, Any],
               "metrics": {"val_mean_auroc": best.get("val_mean_auroc"),
                           "val_auroc": best.get("val_auroc"), "best_epoch": state["best_epoch"],
                           "epochs_run": state["epoch"]},
+              # the recipe used (--augment-recipe auto resolved for the images), or "off"
+              "augmentation": spec.augment_recipe if spec.augment else "off",
               "calibration": {k: cal.get(k) for k in ("temperature", "bias", "form",
                                                        "ece_before", "ece_after")}
               if cal else None,

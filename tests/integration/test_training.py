@@ -347,6 +347,7 @@ def test_card_has_calibration_operating_points_and_inference_matches_training(la
                      proc.stderr)
     # --augment-recipe auto and the unset form, resolved for the dataset's 28 px and said so
     assert "augmentation: strong (--augment-recipe auto, for 28 px images)" in proc.stderr
+    assert res["augmentation"] == "strong"
     assert ("calibration form: temperature+balanced-bias (the default after the strong "
             "recipe)") in proc.stderr
     assert res["val_ece_before"] is not None and res["val_ece_after"] is not None
