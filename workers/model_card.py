@@ -19,6 +19,7 @@ from typing import Any
 
 from medray.workers.calibration import CARD_FORMS
 from medray.workers.calibration import FORMS as CALIBRATION_FORMS
+from medray.workers.calibration import describe as describe_calibration
 from medray.workers.jsonsafe import json_safe
 
 FORMAT = 2  # bump when a field changes meaning; readers accept cards without the new fields
@@ -118,10 +119,9 @@ def limitations(card: ModelCard, extra: list[str] | None = None) -> list[str]:
         out.append("The dataset has no validation split: thresholds and calibration were "
                    "chosen on the test split, so test metrics of this dataset are optimistic.")
     if card.calibration:
-        out.append("Calibration (temperature scaling, with a bias where validation kept one) "
-                   "was fitted on the validation split: a "
-                   "different prevalence elsewhere shifts predictive values (PPV, NPV) and "
-                   "calibration; re-check both on local data.")
+        out.append(f"Calibration ({describe_calibration(card.calibration)}) was fitted on "
+                   "the validation split: a different prevalence elsewhere shifts predictive "
+                   "values (PPV, NPV) and calibration; re-check both on local data.")
     prev = (card.training_data or {}).get("splits", {}).get("train", {})
     n, labels = prev.get("images"), prev.get("labels") or {}
     rare = [lab for lab, k in labels.items() if n and k / n < 0.05]

@@ -1,7 +1,7 @@
 """The scorer: a plain class that loads a model once and turns a batch of shard rows into
 the same number of prediction rows. Ray wraps it in an actor pool elsewhere.
 
-A model card with a calibration (temperature scaling, with a bias where validation kept one,
+A model card with a calibration (temperature scaling, with a bias in the forms that have one,
 fitted at training) makes ``score_<label>`` the calibrated probability, the scale the card's
 thresholds were chosen on; the model's own output stays beside it as ``raw_score_<label>``."""
 

@@ -68,6 +68,9 @@ def test_a_trained_card_validates_against_the_schema():
     assert "patients" in card["validation"]["ci"]
     assert card["limitations"][0] == "Trained on paediatric images only."
     assert any(x.startswith(mc.NOT_MEASURED) for x in card["limitations"])
+    # the limitations name the calibration the card holds
+    assert any(x.startswith("Calibration (temperature scaling with a bias) was fitted on the "
+                            "validation split") for x in card["limitations"])
 
 
 def test_a_class_balanced_card_validates_and_leaves_validation_prevalence_out():
@@ -81,9 +84,13 @@ def test_a_class_balanced_card_validates_and_leaves_validation_prevalence_out():
     assert cal["bias"]["normal"] == 0.0
     assert cal["bias"]["pneumonia"] < plain["bias"]["pneumonia"]
     jsonschema.validate({**_trained_card().to_dict(), "calibration": cal}, mc.SCHEMA)
+    card = _trained_card()
+    card.calibration = cal
+    assert any(x.startswith("Calibration (temperature scaling with a class-balanced bias) ")
+               for x in mc.limitations(card))
 
 
-def test_a_default_card_holds_the_temperature_alone_and_validates():
+def test_a_temperature_only_card_holds_no_bias_and_validates():
     found = _validation(form=calibration.TEMPERATURE)
     cal = found["calibration"]
     assert cal["asked"] == "temperature" and set(cal["form"].values()) == {"temperature"}
